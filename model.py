@@ -19,14 +19,14 @@ class ModelConfig:
     image_size: int = 64        # input images are (channels, image_size, image_size)
     patch_size: int = 8
     channels: int = 1           # 1 for grey radiographs, 3 for RGB
-    vision_width: int = 192
-    vision_depth: int = 4
-    vision_heads: int = 3
+    vision_width: int = 128
+    vision_depth: int = 2
+    vision_heads: int = 4
     vocab_size: int = 4000
     max_len: int = 64           # text length in tokens, [CLS] and [SEP] included
-    text_width: int = 192
-    text_depth: int = 4
-    text_heads: int = 3
+    text_width: int = 128
+    text_depth: int = 2
+    text_heads: int = 4
     embed_dim: int = 128        # size of the joint image-text space
     dropout: float = 0.0
     temperature: float = 0.07   # initial value of the learned temperature
@@ -133,7 +133,9 @@ class ImageTextModel(nn.Module):
         self.image_proj = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
-        self.apply(_init_linear)
+        # NOTE: linear layers keep PyTorch's default initialisation (scaled by 1/sqrt(fan_in)). The
+        # GPT-style N(0, 0.02) is too small at these widths: every [CLS] output then starts almost
+        # identical, and contrastive training from scratch sat at loss log(B) far longer.
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -159,9 +161,3 @@ class ImageTextModel(nn.Module):
                 "text": count(self.text) + count(self.text_proj),
                 "total": count(self)}
 
-
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

@@ -213,6 +213,19 @@ def test_ema_matches_closed_form():
     assert teacher.model.running_stat.sum() > 0
 
 
+def test_ema_warmup_momentum_rule():
+    student = ImageTextModel(TINY)
+    teacher = EMATeacher(student, momentum=0.995, warmup=True)
+    momenta = []
+    for _ in range(3):
+        momenta.append(teacher.current_momentum())
+        teacher.update(student)
+    assert momenta == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    teacher.updates.fill_(10_000)
+    assert teacher.current_momentum() == 0.995
+    assert EMATeacher(student, momentum=0.995, warmup=False).current_momentum() == 0.995
+
+
 def test_teacher_is_frozen_and_in_eval_mode():
     student = ImageTextModel(TINY)
     teacher = EMATeacher(student)
