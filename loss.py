@@ -5,7 +5,7 @@ accumulation window followed by the Q queue entries, D the embedding size. All l
 softmaxes are computed in fp32, whatever the autocast precision of the encoders.
 
 False negatives: a key whose group id equals the query's group (the same report text, or the same
-study where a dataset says so) is masked out of the logits, except the query's own positive. Such
+study where a dataset records studies) is masked out of the logits, except the query's own positive. Such
 a key is neither pushed away by InfoNCE nor given target mass by the teacher. Masking rather than
 counting them as extra positives keeps exactly one positive per row, so the loss stays plain
 InfoNCE, and stale queue copies of the query's own pair from an earlier epoch cannot become
