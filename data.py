@@ -1,10 +1,14 @@
 """Image-text pairs: sources, image loading, transforms, tokenizer and the training dataset.
 
-Three sources of image-text pairs share one interface, DataSource:
+Every source of image-text pairs shares one interface, DataSource:
 
 * synthetic: procedurally drawn chest radiographs with template reports. They are generated
   on first use, so every script runs without a download.
 * medpix: the MedPix 2.0 release (CT and MR images with captions).
+* iu_xray and openi: IU X-ray chest radiographs and reports, in the report-generation layout
+  (annotation.json) or as the original OpenI release (report XML files).
+* mimic_cxr: MIMIC-CXR-JPG chest radiographs with their free-text reports and CheXpert labels.
+* roco: radiology images from PubMed Central articles with their captions.
 * manifest: any JSONL or CSV file that lists image paths and texts.
 
 PairDataset turns a list of pairs into model inputs: a normalised image, token ids, an
@@ -13,14 +17,18 @@ same report) must not be used as each other's negatives in the contrastive loss.
 """
 
 import csv
+import gzip
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
@@ -55,7 +63,7 @@ class Pair:
 class DataSource:
     """A dataset: named splits of pairs plus the label names its pairs carry."""
 
-    name: str  # "synthetic", "medpix" or "manifest"
+    name: str  # one of FORMATS
     root: Path
     splits: tuple[str, ...]
     eval_split: str  # held-out split that evaluation uses by default
@@ -109,19 +117,32 @@ def load_image(path: Path, channels: int = 1) -> np.ndarray:
     become black. 16-bit, 32-bit integer and float images are rescaled by their own min..max,
     which keeps their dynamic range. An image whose pixels are all equal becomes all zeros.
     channels=1 returns luminance and channels=3 returns RGB, with grey replicated.
-    Raises FileNotFoundError for a missing file and ValueError for one Pillow cannot decode.
+    Raises FileNotFoundError for a missing file and ValueError for one Pillow cannot decode
+    (empty, truncated or not an image), one with no pixels, a float image with NaN or infinite
+    pixels, and one above Pillow's decompression-bomb limit Image.MAX_IMAGE_PIXELS (where
+    Pillow itself only warns up to twice that limit).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            pixels = _decode_pixels(image)
+        # NOTE: catch_warnings changes process-wide filters, so this is not thread-safe.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+                    raise ValueError("non-finite pixel values (NaN or infinity)")
+                pixels = _decode_pixels(image)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as error:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot decode image {path}: {error} Raise PIL.Image.MAX_IMAGE_PIXELS "
+                         f"if the image is trusted") from error
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow raises SyntaxError for some broken PNGs
         raise ValueError(f"cannot decode image {path}: {error}") from error
+    if pixels.size == 0:
+        raise ValueError(f"image {path} has no pixels (shape {pixels.shape})")
 
     if channels == 1 and pixels.shape[2] == 3:
         pixels = (pixels @ LUMA_WEIGHTS)[:, :, None]
@@ -154,7 +175,7 @@ class ImageTransform:
     """Crop, resize and normalise an (H, W, C) image into a float32 (C, S, S) tensor.
 
     eval: resize so the shorter side is image_size, then centre crop to a square.
-    train: random resized crop (60-100 % of the area, aspect ratio 3/4 to 4/3) resized to
+    train: random resized crop (80-100 % of the area, aspect ratio 7/8 to 8/7) resized to
     image_size, then a random brightness shift (+-0.1) and contrast factor (0.8-1.2).
     Both map [0, 1] to [-1, 1] with mean 0.5 and std 0.5 for every channel.
     The input is uint8 (divided by 255) or float in [0, 1]. Randomness comes from torch's
@@ -167,8 +188,11 @@ class ImageTransform:
 
     MEAN = 0.5
     STD = 0.5
-    CROP_SCALE = (0.6, 1.0)
-    CROP_RATIO = (3 / 4, 4 / 3)
+    # Milder than the usual (0.08, 1) of natural images: a radiograph's findings sit at fixed
+    # places (apices, costophrenic angles), and a small crop would cut them out of the image
+    # while the report still names them.
+    CROP_SCALE = (0.8, 1.0)
+    CROP_RATIO = (7 / 8, 8 / 7)
 
     def __init__(self, image_size: int, channels: int = 1, train: bool = False):
         self.image_size = image_size
@@ -774,56 +798,88 @@ def make_synthetic_dataset(
 # -----------------------------------------------------------------------------
 # Loaders
 
-FORMATS = ("synthetic", "medpix", "manifest")
+FORMATS = ("synthetic", "medpix", "iu_xray", "openi", "mimic_cxr", "roco", "manifest")
 FORMAT_HELP = (
-    "Expected a MedPix 2.0 folder (Descriptions.json and splitted_dataset/), a .jsonl or .csv "
-    "manifest file, or a synthetic dataset folder (dataset.json and manifest.jsonl). Prefix the "
-    "path with medpix:, manifest: or synthetic: to choose the format."
+    "Expected a MedPix 2.0 folder (Descriptions.json and splitted_dataset/), an IU X-ray folder "
+    "with annotation.json and images/, an OpenI folder with ecgen-radiology/, a MIMIC-CXR-JPG "
+    "folder with mimic-cxr-2.0.0-split.csv(.gz), a ROCO folder with train/radiology/captions.txt "
+    "or train/radiologytraindata.csv, a .jsonl or .csv manifest file, or a synthetic dataset "
+    "folder (dataset.json and manifest.jsonl). Prefix the path with medpix:, iu_xray:, openi:, "
+    "mimic_cxr:, roco:, manifest: or synthetic: to choose the format."
 )
+MANIFEST_ROLES = ("image", "text", "group", "split")
 MEDPIX_LABELS = ("Type", "Location Category", "Plane")
 KNOWN_SPLITS = ("train", "val", "dev", "test")  # listed in this order, other split names after them
 
 
-def open_source(spec: str | None, *, synthetic_root: Path | None = None) -> DataSource:
+def open_source(spec: str | None, *, synthetic_root: Path | None = None,
+                columns: dict[str, str] | None = None, strict: bool = False) -> DataSource:
     """Open the dataset that `spec` names.
 
     None opens the synthetic dataset at synthetic_root (default: data/synthetic-cxr next to this
-    file) and generates it on first use. Otherwise spec is "medpix:PATH", "manifest:PATH",
-    "synthetic:PATH" or a bare PATH whose format is detected from its files.
-    "synthetic:PATH" generates the default dataset at PATH if PATH has none.
+    file) and generates it on first use. Otherwise spec is "FORMAT:PATH", with FORMAT one of
+    FORMATS, or a bare PATH whose format is detected from its files (see _detect_format).
+    "synthetic:PATH" generates the default dataset at PATH if PATH has none. The loaders
+    _medpix_source, _iu_xray_source, _openi_source, _mimic_cxr_source and _roco_source
+    describe the layout that each reads and its splits, labels and groups.
 
     A manifest is a .jsonl or .csv file, or a folder that contains manifest.jsonl or
     manifest.csv. Its columns are image (relative to the manifest's folder, or absolute) and
     text, plus optional group and split. JSONL rows may carry a "labels" object. In CSV, every
     other column is a label. Without a group, identical texts share one. Without a split
     column, about 10 % of the groups go to val and the rest to train.
+    `columns` maps these roles (image, text, group, split) to other column names, and so does
+    a query after a manifest: spec, as in "manifest:pairs.csv?image=path&text=report&group=study_id".
+    Settings in the spec override those in `columns`. Column names set in the spec cannot
+    contain "&" or "=".
 
-    Raises FileNotFoundError for a missing path and ValueError for an unrecognised format, a
-    missing column or a manifest without usable rows.
+    With strict=True, a manifest row that would be skipped raises ValueError instead. The other
+    formats still skip such rows and log a count.
+
+    Raises FileNotFoundError for a missing path or a missing file of the format's layout, and
+    ValueError for an unrecognised format, a missing column or a manifest without usable rows.
     """
     if spec is None:
         root = Path(synthetic_root) if synthetic_root is not None else DEFAULT_SYNTHETIC_ROOT
         return _synthetic_source(make_synthetic_dataset(root))
 
     prefix, colon, rest = spec.partition(":")
-    kind, path = (prefix, Path(rest)) if colon and prefix in FORMATS else (None, Path(spec))
-    path = path.expanduser()
-    if kind == "synthetic":
-        if not (path / "dataset.json").exists():
-            make_synthetic_dataset(path)
-        return _synthetic_source(path)
+    kind, location = (prefix, rest) if colon and prefix in FORMATS else (None, spec)
+    columns = dict(columns or {})
+    if kind == "manifest":
+        location, _, query = location.partition("?")
+        columns.update(_parse_column_settings(query))
+    path = Path(location).expanduser()
+    if kind == "synthetic" and not (path / "dataset.json").exists():
+        make_synthetic_dataset(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist. {FORMAT_HELP}")
     if kind is None:
         kind = _detect_format(path)
-    if kind == "medpix":
-        return _medpix_source(path)
-    if kind == "synthetic":
-        return _synthetic_source(path)
-    return _manifest_source(_manifest_file(path))
+
+    if kind == "manifest":
+        return _manifest_source(_manifest_file(path), columns, strict=strict)
+    if columns:
+        raise ValueError(f"column names can be set only for a manifest, but {path} is a {kind} dataset")
+    loaders = {"synthetic": _synthetic_source, "medpix": _medpix_source, "iu_xray": _iu_xray_source,
+               "openi": _openi_source, "mimic_cxr": _mimic_cxr_source, "roco": _roco_source}
+    return loaders[kind](path)
+
+
+def _parse_column_settings(query: str) -> dict[str, str]:
+    """Parse "image=path&text=report" into {"image": "path", "text": "report"}."""
+    columns = {}
+    for setting in query.split("&") if query else []:
+        role, equals, column = setting.partition("=")
+        if not equals or not column:
+            raise ValueError(f"invalid manifest column setting {setting!r}; expected ROLE=COLUMN as in "
+                             "manifest:pairs.csv?image=path&text=report")
+        columns[role] = column
+    return columns
 
 
 def _detect_format(path: Path) -> str:
+    """Return the format of `path` from the files it contains. Raises ValueError if none matches."""
     if path.is_file() and path.suffix.lower() in (".jsonl", ".csv"):
         return "manifest"
     if path.is_dir():
@@ -831,6 +887,14 @@ def _detect_format(path: Path) -> str:
             return "medpix"
         if (path / "dataset.json").is_file() and (path / "manifest.jsonl").is_file():
             return "synthetic"
+        if (path / "annotation.json").is_file() and (path / "images").is_dir():
+            return "iu_xray"
+        if (path / "ecgen-radiology").is_dir():
+            return "openi"
+        if _csv_or_gzip(path, "mimic-cxr-2.0.0-split.csv").is_file():
+            return "mimic_cxr"
+        if _roco_base(path) is not None:
+            return "roco"
         if (path / "manifest.jsonl").is_file() or (path / "manifest.csv").is_file():
             return "manifest"
     raise ValueError(f"cannot detect the dataset format of {path}. {FORMAT_HELP}")
@@ -877,50 +941,86 @@ def _parse_csv_value(value: str) -> object:
     return value
 
 
-def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
-    """Read a manifest as (line number, {"image", "text", "group"?, "split"?, "labels"}) rows."""
+def _read_manifest_rows(path: Path, role_columns: dict[str, str] | None = None) -> list[tuple[int, dict]]:
+    """Read a manifest as (line number, {"image", "text", "group"?, "split"?, "labels"}) rows.
+
+    role_columns maps a role (image, text, group or split) to the column that contains it when
+    the column has another name. Such a column must exist, in every row of a JSONL file.
+    """
+    role_columns = role_columns or {}
+    unknown = [role for role in role_columns if role not in MANIFEST_ROLES]
+    if unknown:
+        raise ValueError(f"unknown manifest column role {unknown[0]!r}; "
+                         f"expected one of {', '.join(MANIFEST_ROLES)}")
+    names = {role: role_columns.get(role, role) for role in MANIFEST_ROLES}
+    required = ("image", "text", *role_columns)
+    _require_utf8(path)
     if path.suffix.lower() == ".jsonl":
         rows = _read_jsonl(path)
         for number, row in rows:
-            for column in ("image", "text"):
-                if column not in row:
-                    raise ValueError(f"manifest {path} line {number} has no {column!r} column")
+            for role in required:
+                if names[role] not in row:
+                    raise ValueError(f"manifest {path} line {number} has no {names[role]!r} column")
+            row.update({role: row.pop(column) for role, column in names.items() if column in row})
             if not isinstance(row.setdefault("labels", {}), dict):
                 raise ValueError(f"manifest {path} line {number}: 'labels' must be a JSON object")
         return rows
 
-    with open(path, newline="", encoding="utf-8") as file:
+    with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: drop the BOM that Excel writes
         reader = csv.DictReader(file)
         columns = reader.fieldnames or []
-        for column in ("image", "text"):
-            if column not in columns:
-                raise ValueError(f"manifest {path} has no {column!r} column; its columns are {columns}")
-        label_columns = [c for c in columns if c not in ("image", "text", "group", "split")]
+        for role in required:
+            if names[role] not in columns:
+                raise ValueError(f"manifest {path} has no {names[role]!r} column; its columns are {columns}")
+        label_columns = [c for c in columns if c not in names.values()]
         rows = []
-        for number, record in enumerate(reader, start=2):  # line 1 is the header
-            row = {"image": record["image"] or "", "text": record["text"] or ""}
-            row.update({key: record[key] for key in ("group", "split") if record.get(key)})
+        for number, record in enumerate(_csv_records(reader, path), start=2):  # line 1 is the header
+            row = {"image": record[names["image"]] or "", "text": record[names["text"]] or ""}
+            row.update({key: record[names[key]] for key in ("group", "split") if record.get(names[key])})
             row["labels"] = {c: _parse_csv_value(record[c] or "") for c in label_columns}
             rows.append((number, row))
         return rows
 
 
-def _manifest_source(path: Path) -> DataSource:
-    """Load a JSONL or CSV manifest (columns as open_source describes them)."""
-    rows = _read_manifest_rows(path)
+def _require_utf8(path: Path) -> None:
+    """Raise ValueError naming the first line of `path` that is not valid UTF-8."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"manifest {path} line {line} is not valid UTF-8 (byte {raw[error.start]:#04x} at "
+                         f"offset {error.start}); re-save the file as UTF-8") from error
+
+
+def _csv_records(reader: csv.DictReader, path: Path):
+    """Yield the records of `reader`, raising ValueError with the line number for a malformed one."""
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise ValueError(f"manifest {path} line {reader.line_num}: {error}") from error
+
+
+def _manifest_source(path: Path, role_columns: dict[str, str] | None = None, *,
+                     strict: bool = False) -> DataSource:
+    """Load a JSONL or CSV manifest (columns as open_source describes them).
+
+    A row that cannot give a pair is skipped, and a warning counts the skipped rows of each
+    reason that _check_manifest_row returns. With strict=True the first such row raises
+    ValueError instead.
+    """
+    rows = _read_manifest_rows(path, role_columns)
     has_splits = any(row.get("split") for _, row in rows)
     pairs, splits, label_names = [], [], {}
-    missing_images, empty_texts = [], 0
+    skipped: dict[str, list[str]] = {}  # reason -> "line N, image '...'" of each skipped row
+    seen: set[tuple[str, str]] = set()
     for number, row in rows:
-        text = _clean_text(row["text"])
-        image_path = Path(row["image"])
-        if not image_path.is_absolute():
-            image_path = path.parent / image_path
-        if not text:
-            empty_texts += 1
-            continue
-        if not image_path.is_file():
-            missing_images.append(image_path)
+        text, image_path, reason = _check_manifest_row(path, row, seen)
+        if reason and strict:
+            raise ValueError(f"manifest {path} line {number}: a row {reason} (image {row['image']!r}); "
+                             "fix or remove the row, or load without strict mode to skip it")
+        if reason:
+            skipped.setdefault(reason, []).append(f"line {number}, image {row['image']!r}")
             continue
         if has_splits and not row.get("split"):
             raise ValueError(f"manifest {path} line {number} has no split, but other rows do")
@@ -928,7 +1028,7 @@ def _manifest_source(path: Path) -> DataSource:
         pairs.append(Pair(image_path, text, group, row["labels"]))
         splits.append(str(row["split"]) if has_splits else "train")
         label_names.update(dict.fromkeys(row["labels"]))
-    _log_skipped(path, missing_images, empty_texts)
+    _log_skipped(path, [], 0, other=skipped)
     if not pairs:
         raise ValueError(f"manifest {path} lists no usable pairs (see the log for skipped rows)")
 
@@ -943,12 +1043,56 @@ def _manifest_source(path: Path) -> DataSource:
     return DataSource("manifest", path.parent, tuple(names), eval_split, tuple(label_names), pairs_by_split)
 
 
-def _log_skipped(path: Path, missing_images: list[Path], empty_texts: int) -> None:
+MISSING_TEXT_MARKERS = ("nan", "null")  # how CSV exports often write a missing value
+
+
+def _check_manifest_row(path: Path, row: dict, seen: set[tuple[str, str]]) -> tuple[str, Path | None, str]:
+    """Return (text, image path, reason) for a manifest row; reason is "" when the row is usable.
+
+    A relative image path must stay inside the manifest's folder, so a manifest cannot point
+    at ../../etc/passwd; absolute paths are allowed. `seen` collects (image path, text) of the
+    usable rows, so that a repeat of one is skipped.
+    """
+    text_value, image_value = row["text"], row["image"]
+    if isinstance(text_value, float) and math.isnan(text_value):  # JSON NaN
+        text_value = None
+    if text_value is not None and not isinstance(text_value, str):
+        return "", None, f"whose text is not a string but {type(text_value).__name__}"
+    text = _clean_text(text_value)
+    if not text or text.lower() in MISSING_TEXT_MARKERS:
+        return "", None, "with an empty text (blank, null or NaN)"
+
+    if not isinstance(image_value, str) or not image_value.strip():
+        return text, None, "with no image path"
+    image_path = Path(image_value)
+    if not image_path.is_absolute():
+        normalised = os.path.normpath(image_value)
+        if normalised == os.pardir or normalised.startswith(os.pardir + os.sep):
+            return text, None, "whose relative image path leaves the manifest's folder (use an absolute path)"
+        image_path = path.parent / image_path
+    if not image_path.is_file():
+        return text, None, "whose image file is missing"
+
+    key = (str(image_path), text)
+    if key in seen:
+        return text, None, "that repeat an earlier row's image and text"
+    seen.add(key)
+    return text, image_path, ""
+
+
+def _log_skipped(path: Path, missing_images: list[Path], empty_texts: int, *,
+                 other: dict[str, list[str]] | None = None) -> None:
+    """Log one warning per reason with the count of rows skipped for it and the first example.
+
+    `other` maps a reason ("whose image file is missing") to an example of each row skipped for it.
+    """
     if missing_images:
         logger.warning("%s: skipped %d rows whose image file is missing, e.g. %s",
                        path, len(missing_images), missing_images[0])
     if empty_texts:
         logger.warning("%s: skipped %d rows with an empty text", path, empty_texts)
+    for reason, examples in (other or {}).items():
+        logger.warning("%s: skipped %d rows %s, e.g. %s", path, len(examples), reason, examples[0])
 
 
 def _synthetic_source(root: Path) -> DataSource:
@@ -1002,6 +1146,416 @@ def _medpix_source(root: Path) -> DataSource:
 
 
 # -----------------------------------------------------------------------------
+# Radiology report datasets: IU X-ray, OpenI, MIMIC-CXR-JPG and ROCO
+#
+# Each loader reads its dataset's native layout. Texts go through clean_report, and pairs whose
+# text is empty after cleaning, or whose report or image file is missing, are skipped with a
+# logged count. The group is the cleaned text: a study has one report for all its images, so
+# the images of one study share a group, and so do studies with identical reports.
+
+PLACEHOLDER = re.compile(r"\bX{3,}\b|_{2,}")  # de-identification: IU X-ray "XXXX", MIMIC-CXR "___"
+SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z ,&/()-]*[A-Z)])[ \t]*:", re.MULTILINE)
+KEPT_SECTION = re.compile(r"\b(FINDINGS?|IMPRESSIONS?)\b")
+REPORT_BANNER = re.compile(r"^[ \t]*FINAL REPORT[ \t]*$", re.MULTILINE)  # first line of MIMIC-CXR reports
+
+
+def clean_report(text: str | None, sections: bool = True) -> str:
+    """Reduce a radiology report to its FINDINGS and IMPRESSION as one line of plain text.
+
+    With sections=True, upper-case headers at the start of a line ("FINDINGS:") split the
+    report into sections, and every section whose header contains FINDINGS or IMPRESSION is
+    kept, in report order ("FINDINGS AND IMPRESSION:" counts). A report with headers but
+    neither section keeps its last section, and one without headers keeps all its text.
+    sections=False skips this step, for texts that are one section already, or captions.
+    Then de-identification placeholders (runs of three or more X, as IU X-ray's "XXXX", and
+    of two or more underscores, as MIMIC-CXR's "___") and MIMIC-CXR's "FINAL REPORT" line are
+    removed, whitespace is collapsed and spaces before punctuation are dropped.
+    None and placeholder-only texts give "".
+    """
+    if text is None:
+        return ""
+    text = REPORT_BANNER.sub(" ", str(text))
+    if sections:
+        text = _findings_and_impression(text)
+    text = PLACEHOLDER.sub(" ", text)
+    text = " ".join(text.split())
+    text = re.sub(r" ([.,;:!?])", r"\1", text)
+    text = re.sub(r"\.{2,}", ".", text)  # "effusion. XXXX." leaves "effusion.."
+    return text.lstrip(" .,;:")
+
+
+def _findings_and_impression(text: str) -> str:
+    """Select the sections of `text` that clean_report keeps."""
+    headers = list(SECTION_HEADER.finditer(text))
+    if not headers:
+        return text
+    ends = [header.start() for header in headers[1:]] + [len(text)]
+    sections = [(header.group(1), text[header.end():end]) for header, end in zip(headers, ends)]
+    kept = [body for name, body in sections if KEPT_SECTION.search(name)]
+    if kept:
+        return " ".join(kept)
+    return sections[-1][1]
+
+
+def _hash_split(key: str) -> str:
+    """Assign `key` to train, val or test, about 80/10/10, by its SHA-1 hash.
+
+    Unlike _holdout_keys, the split of a key does not depend on the other keys, so adding
+    reports to a dataset leaves the old ones in their splits.
+    """
+    fraction = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+    if fraction < 0.8:
+        return "train"
+    if fraction < 0.9:
+        return "val"
+    return "test"
+
+
+def _require_paths(dataset: str, root: Path, paths: list[Path], layout: str) -> None:
+    """Raise FileNotFoundError for the first missing path, naming the layout `dataset` expects."""
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{dataset}: {path} not found; expected {layout} under {root}")
+
+
+def _log_skipped_items(path: Path, count: int, reason: str, example: object = None) -> None:
+    """Log a warning that `count` items of `path` were skipped for `reason`."""
+    if count:
+        example_text = f", e.g. {example}" if example is not None else ""
+        logger.warning("%s: skipped %d %s%s", path, count, reason, example_text)
+
+
+def _open_text(path: Path):
+    """Open a text file for csv, decompressing it first if its name ends in .gz."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8")
+    return open(path, newline="", encoding="utf-8")
+
+
+def _dict_reader(file, path: Path, required: tuple[str, ...]) -> csv.DictReader:
+    """Return a csv.DictReader over `file`. Raises ValueError when a required column is missing."""
+    reader = csv.DictReader(file)
+    columns = reader.fieldnames or []
+    for column in required:
+        if column not in columns:
+            raise ValueError(f"{path} has no {column!r} column; its columns are {columns}")
+    return reader
+
+
+IU_XRAY_LAYOUT = "annotation.json and images/"
+
+
+def _iu_xray_source(root: Path) -> DataSource:
+    """Load IU X-ray in the report-generation layout: annotation.json and images/.
+
+    annotation.json maps "train", "val" and "test" to lists of studies {"id", "report",
+    "image_path": [paths under images/], "split"}, which are the splits here. Every image of
+    a study is a pair with the study's cleaned report. A study's "labels" object, where
+    present, becomes its pairs' labels, and label_names is the union of their keys. This
+    layout usually has none, so label_names is empty.
+    """
+    annotation = root / "annotation.json"
+    _require_paths("IU X-ray", root, [annotation, root / "images"], IU_XRAY_LAYOUT)
+    try:
+        with open(annotation, encoding="utf-8") as file:
+            studies_by_split = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON in {annotation}: {error}") from error
+    if not isinstance(studies_by_split, dict) or not {"train", "val", "test"} & set(studies_by_split):
+        raise ValueError(f"{annotation} must be a JSON object with the keys train, val and test")
+
+    pairs_by_split, label_names = {}, {}
+    missing_images, empty_reports = [], 0
+    for split in ("train", "val", "test"):
+        pairs_by_split[split] = []
+        for study in studies_by_split.get(split, []):
+            text = clean_report(study.get("report"), sections=False)
+            if not text:
+                empty_reports += 1
+                continue
+            labels = study.get("labels") if isinstance(study.get("labels"), dict) else {}
+            label_names.update(dict.fromkeys(labels))
+            for relative in study.get("image_path", []):
+                image_path = root / "images" / relative
+                if not image_path.is_file():
+                    missing_images.append(image_path)
+                    continue
+                pairs_by_split[split].append(Pair(image_path, text, _text_group(text), dict(labels)))
+    _log_skipped_items(annotation, empty_reports, "studies with an empty report")
+    _log_skipped_items(annotation, len(missing_images), "images whose file is missing",
+                 missing_images[0] if missing_images else None)
+    return DataSource("iu_xray", root, ("train", "val", "test"), "test", tuple(label_names), pairs_by_split)
+
+
+OPENI_LAYOUT = "ecgen-radiology/*.xml and the PNG images in images/ or beside ecgen-radiology/"
+
+
+def _openi_source(root: Path) -> DataSource:
+    """Load the original IU X-ray release from OpenI: report XML files and PNG images.
+
+    Reports: ecgen-radiology/*.xml. Images: ID.png in images/, or else in the root folder,
+    for every <parentImage id="ID"> of a report. Text: the FINDINGS and IMPRESSION sections,
+    cleaned. Labels: the MeSH major headings, cut before the first "/" ("Cardiomegaly/mild"
+    becomes "Cardiomegaly", "normal" stays "normal"), as 0/1 over label_names, which is the
+    sorted set of headings of all loaded reports. There is no native split: each report goes
+    to train, val or test by the hash of its id (the uId, else the file name), about 80/10/10.
+    """
+    reports = root / "ecgen-radiology"
+    _require_paths("OpenI", root, [reports], OPENI_LAYOUT)
+    xml_files = sorted(reports.glob("*.xml"))
+    if not xml_files:
+        raise FileNotFoundError(f"OpenI: no report XML files in {reports}; expected {OPENI_LAYOUT} under {root}")
+    image_folder = root / "images" if (root / "images").is_dir() else root
+
+    studies = []  # (split, text, image paths, headings)
+    missing_images, empty_reports, no_images = [], 0, 0
+    for xml_file in xml_files:
+        report_id, text, image_ids, headings = _read_openi_report(xml_file)
+        if not text:
+            empty_reports += 1
+            continue
+        if not image_ids:
+            no_images += 1
+            continue
+        image_paths = []
+        for image_id in image_ids:
+            image_path = image_folder / f"{image_id}.png"
+            if image_path.is_file():
+                image_paths.append(image_path)
+            else:
+                missing_images.append(image_path)
+        if image_paths:
+            studies.append((_hash_split(report_id), text, image_paths, headings))
+    _log_skipped_items(reports, empty_reports, "reports with empty FINDINGS and IMPRESSION")
+    _log_skipped_items(reports, no_images, "reports without a parentImage")
+    _log_skipped_items(reports, len(missing_images), "images whose file is missing",
+                 missing_images[0] if missing_images else None)
+
+    label_names = tuple(sorted({h for *_, headings in studies for h in headings}, key=str.casefold))
+    pairs_by_split = {"train": [], "val": [], "test": []}
+    for split, text, image_paths, headings in studies:
+        labels = {name: int(name in headings) for name in label_names}
+        for image_path in image_paths:
+            pairs_by_split[split].append(Pair(image_path, text, _text_group(text), dict(labels)))
+    return DataSource("openi", root, ("train", "val", "test"), "test", label_names, pairs_by_split)
+
+
+def _read_openi_report(path: Path) -> tuple[str, str, list[str], set[str]]:
+    """Read an OpenI report as (report id, cleaned text, parentImage ids, MeSH major headings)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as error:
+        raise ValueError(f"invalid OpenI report XML {path}: {error}") from error
+    uid = root.find("uId")
+    report_id = uid.get("id") if uid is not None and uid.get("id") else path.stem
+    sections = {node.get("Label", "").upper(): "".join(node.itertext()) for node in root.iter("AbstractText")}
+    text = clean_report(f"{sections.get('FINDINGS', '')} {sections.get('IMPRESSION', '')}", sections=False)
+    image_ids = [node.get("id") for node in root.iter("parentImage") if node.get("id")]
+    headings = set()
+    for mesh in root.iter("MeSH"):
+        for major in mesh.findall("major"):
+            heading = (major.text or "").split("/")[0].strip()
+            if heading:
+                headings.add(heading)
+    return report_id, text, image_ids, headings
+
+
+MIMIC_SPLITS = {"train": "train", "validate": "val", "test": "test"}  # native name -> split name
+MIMIC_LAYOUT = (
+    "mimic-cxr-2.0.0-split.csv(.gz), mimic-cxr-2.0.0-chexpert.csv(.gz) and files/pXX/pSUBJECT/sSTUDY/"
+    "DICOM.jpg, with the reports at files/pXX/pSUBJECT/sSTUDY.txt or reports/files/pXX/pSUBJECT/sSTUDY.txt"
+)
+
+
+def _mimic_cxr_source(root: Path) -> DataSource:
+    """Load MIMIC-CXR-JPG 2.0.0 with the free-text reports of MIMIC-CXR.
+
+    Images: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg for each row of mimic-cxr-2.0.0-split.csv.
+    Reports come from a separate archive with the same folder structure. This reads
+    files/pXX/pSUBJECT/sSTUDY.txt, beside the study's image folder, or else the same path
+    under reports/. Text: clean_report of the report. Splits: train, val (native "validate")
+    and test, per image as the split file lists them. Labels: the CheXpert columns of
+    mimic-cxr-2.0.0-chexpert.csv as 1 (positive), 0 (negative or not mentioned) and -1
+    (uncertain, kept so that an evaluation can skip it), all None for a study that the
+    CheXpert file does not list. Both CSV files may be gzipped (.csv.gz), as distributed.
+    """
+    split_file = _csv_or_gzip(root, "mimic-cxr-2.0.0-split.csv")
+    label_file = _csv_or_gzip(root, "mimic-cxr-2.0.0-chexpert.csv")
+    _require_paths("MIMIC-CXR-JPG", root, [split_file, label_file, root / "files"], MIMIC_LAYOUT)
+    label_names, labels_by_study = _read_chexpert_labels(label_file)
+    unlabelled = dict.fromkeys(label_names)
+
+    pairs_by_split = {split: [] for split in MIMIC_SPLITS.values()}
+    texts = {}  # study id -> cleaned report, "" when missing or empty
+    missing_reports, missing_images, empty_reports = [], [], 0
+    with _open_text(split_file) as file:
+        reader = _dict_reader(file, split_file, ("dicom_id", "study_id", "subject_id", "split"))
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            split = MIMIC_SPLITS.get(row["split"])
+            if split is None:
+                raise ValueError(f"{split_file} line {number}: unknown split {row['split']!r}; "
+                                 f"expected one of {', '.join(MIMIC_SPLITS)}")
+            subject, study = row["subject_id"], row["study_id"]
+            study_folder = Path("files", f"p{subject[:2]}", f"p{subject}", f"s{study}")
+            if study not in texts:
+                report = _mimic_report_path(root, study_folder)
+                if report is None:
+                    missing_reports.append(root / study_folder.with_suffix(".txt"))
+                    texts[study] = ""
+                else:
+                    texts[study] = clean_report(report.read_text(encoding="utf-8"))
+                    if not texts[study]:
+                        empty_reports += 1
+            text = texts[study]
+            if not text:
+                continue
+            image_path = root / study_folder / f"{row['dicom_id']}.jpg"
+            if not image_path.is_file():
+                missing_images.append(image_path)
+                continue
+            labels = labels_by_study.get(study, unlabelled)
+            pairs_by_split[split].append(Pair(image_path, text, _text_group(text), dict(labels)))
+    _log_skipped_items(split_file, len(missing_reports), "studies whose report file is missing",
+                 missing_reports[0] if missing_reports else None)
+    _log_skipped_items(split_file, empty_reports, "studies with an empty report")
+    _log_skipped_items(split_file, len(missing_images), "images whose file is missing",
+                 missing_images[0] if missing_images else None)
+    return DataSource("mimic_cxr", root, ("train", "val", "test"), "test", label_names, pairs_by_split)
+
+
+def _csv_or_gzip(root: Path, name: str) -> Path:
+    """Return root/name, or root/name.gz when only that exists."""
+    gzipped = root / f"{name}.gz"
+    return gzipped if gzipped.is_file() and not (root / name).is_file() else root / name
+
+
+def _mimic_report_path(root: Path, study_folder: Path) -> Path | None:
+    """Return the study's report file, beside its image folder or under reports/, or None."""
+    for base in (root, root / "reports"):
+        path = base / study_folder.with_suffix(".txt")
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_chexpert_labels(path: Path) -> tuple[tuple[str, ...], dict[str, dict[str, int]]]:
+    """Read a CheXpert label file as (label names, {study id: {name: 1, 0 or -1}})."""
+    labels_by_study = {}
+    with _open_text(path) as file:
+        reader = _dict_reader(file, path, ("subject_id", "study_id"))
+        names = tuple(c for c in reader.fieldnames if c not in ("subject_id", "study_id"))
+        for number, row in enumerate(reader, start=2):
+            labels_by_study[row["study_id"]] = {name: _chexpert_value(row[name], path, number, name) for name in names}
+    return names, labels_by_study
+
+
+def _chexpert_value(cell: str | None, path: Path, number: int, name: str) -> int:
+    """Map a CheXpert cell to 1, 0 or -1. An empty cell (not mentioned) counts as 0."""
+    if not cell:
+        return 0
+    try:
+        value = float(cell)
+    except ValueError:
+        value = None
+    if value not in (1.0, 0.0, -1.0):
+        raise ValueError(f"{path} line {number}: invalid {name} value {cell!r}; expected 1.0, 0.0, -1.0 or empty")
+    return int(value)
+
+
+ROCO_SPLITS = {"train": "train", "validation": "val", "test": "test"}  # native folder -> split name
+ROCO_CSV_FILES = {"train": "radiologytraindata.csv", "validation": "radiologyvaldata.csv",
+                  "test": "radiologytestdata.csv"}
+ROCO_LAYOUT = (
+    "{train,validation,test}/radiology/captions.txt with images/ beside it (ROCO repository), or "
+    "{train,validation,test}/radiology{train,val,test}data.csv with radiology/images/ (Kaggle copy), "
+    "in PATH, PATH/data or PATH/all_data"
+)
+
+
+def _roco_source(path: Path) -> DataSource:
+    """Load the radiology images of ROCO and their captions.
+
+    Two layouts are read, in PATH, PATH/data or PATH/all_data. The ROCO repository, after its
+    scripts/fetch.py: {train,validation,test}/radiology/captions.txt ("ROCO_00001<TAB>caption"
+    lines), dlinks.txt and images/. fetch.py names each image PMCID_FILE after the archive and
+    the file name on the id's dlinks.txt line, and an id without such a line is looked up as
+    images/ROCO_00001.jpg. The Kaggle copy: {split}/radiology{train,val,test}data.csv (columns
+    id, name, caption) with the images at {split}/radiology/images/NAME.
+    Splits: train, val (native "validation") and test. No labels. Group: identical captions.
+    """
+    base = _roco_base(path)
+    if base is None:
+        raise FileNotFoundError(f"ROCO: no caption files found under {path}; expected {ROCO_LAYOUT}")
+    pairs_by_split = {}
+    for folder, split in ROCO_SPLITS.items():
+        radiology = base / folder / "radiology"
+        captions_file, csv_file = radiology / "captions.txt", base / folder / ROCO_CSV_FILES[folder]
+        if captions_file.is_file():
+            source_file, entries = captions_file, _read_roco_captions(captions_file)
+        elif csv_file.is_file():
+            source_file, entries = csv_file, _read_roco_csv(csv_file)
+        else:
+            raise FileNotFoundError(f"ROCO: {captions_file} not found (nor {csv_file}); expected {ROCO_LAYOUT}")
+
+        pairs_by_split[split] = []
+        missing_images, empty_captions = [], 0
+        for image_name, caption in entries:
+            text = clean_report(caption, sections=False)
+            image_path = radiology / "images" / image_name
+            if not text:
+                empty_captions += 1
+                continue
+            if not image_path.is_file():
+                missing_images.append(image_path)
+                continue
+            pairs_by_split[split].append(Pair(image_path, text, _text_group(text), {}))
+        _log_skipped_items(source_file, empty_captions, "empty captions")
+        _log_skipped_items(source_file, len(missing_images), "images whose file is missing",
+                     missing_images[0] if missing_images else None)
+    return DataSource("roco", base, ("train", "val", "test"), "test", (), pairs_by_split)
+
+
+def _roco_base(path: Path) -> Path | None:
+    """Return the folder among PATH, PATH/data and PATH/all_data that contains ROCO's splits."""
+    for base in (path, path / "data", path / "all_data"):
+        for folder in ROCO_SPLITS:
+            captions_file = base / folder / "radiology" / "captions.txt"
+            if captions_file.is_file() or (base / folder / ROCO_CSV_FILES[folder]).is_file():
+                return base
+    return None
+
+
+def _read_roco_captions(path: Path) -> list[tuple[str, str]]:
+    """Read a ROCO captions.txt as (image file name, caption), naming images after dlinks.txt."""
+    file_names = {}
+    dlinks = path.parent / "dlinks.txt"
+    if dlinks.is_file():
+        for line in dlinks.read_text(encoding="utf-8").splitlines():
+            fields = line.split("\t")  # id, "wget -r ftp://.../PMC123.tar.gz -P /path/to/Dir", file name
+            archives = [word for word in fields[1].split() if word.endswith(".tar.gz")] if len(fields) == 3 else []
+            if archives:
+                pmc_id = archives[0].rsplit("/", 1)[-1].removesuffix(".tar.gz")
+                file_names[fields[0].strip()] = f"{pmc_id}_{fields[2].strip()}"
+
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        roco_id, tab, caption = line.partition("\t")
+        if not tab:
+            raise ValueError(f"{path} line {number}: expected a ROCO id, a tab and a caption")
+        roco_id = roco_id.strip()
+        entries.append((file_names.get(roco_id, f"{roco_id}.jpg"), caption))
+    return entries
+
+
+def _read_roco_csv(path: Path) -> list[tuple[str, str]]:
+    """Read a ROCO CSV file of the Kaggle copy (id, name, caption) as (image file name, caption)."""
+    with open(path, newline="", encoding="utf-8") as file:
+        return [(row["name"], row["caption"]) for row in _dict_reader(file, path, ("name", "caption"))]
+
+
+# -----------------------------------------------------------------------------
 # Dataset
 
 
@@ -1012,22 +1566,40 @@ class PairDataset(torch.utils.data.Dataset):
     shorter side is at most 2 * image_size to bound memory, and the transform (random when
     train=True) runs on every __getitem__. 16-bit images are therefore quantised to 256 levels
     after load_image rescales them. group_names[g] is the group string behind group id g.
+
+    A pair whose image is missing or cannot be decoded is dropped here, before training starts,
+    and counted in a warning of the "data" logger. dropped_images lists those image paths.
+    With strict=True the first such image raises its error instead.
     """
 
     def __init__(self, pairs: list[Pair], tokenizer: Tokenizer, image_size: int, channels: int = 1,
-                 train: bool = False, max_len: int = 64):
+                 train: bool = False, max_len: int = 64, *, strict: bool = False):
         if not pairs:
             raise ValueError("PairDataset needs at least one pair")
-        self.pairs = list(pairs)
         self.transform = ImageTransform(image_size, channels, train)
+        self.pairs, self.images, self.dropped_images = [], [], []
+        errors = []
+        for pair in tqdm(pairs, desc="Decoding images", leave=False, disable=len(pairs) < 1000):
+            try:
+                self.images.append(_cached_image(pair.image_path, channels, 2 * image_size))
+            except (FileNotFoundError, ValueError) as error:
+                if strict:
+                    raise
+                self.dropped_images.append(pair.image_path)
+                errors.append(error)
+                continue
+            self.pairs.append(pair)
+        if errors:
+            logger.warning("dropped %d of %d pairs whose image cannot be loaded, e.g. %s",
+                           len(errors), len(pairs), errors[0])
+        if not self.pairs:
+            raise ValueError(f"none of the {len(pairs)} images could be loaded, e.g. {errors[0]}")
+
+        # texts and groups of the kept pairs only, so row i of every array is pair i
         self.input_ids, self.attention_mask = tokenize(tokenizer, [p.text for p in self.pairs], max_len)
         self.group_names = sorted({p.group for p in self.pairs})
         group_ids = {name: i for i, name in enumerate(self.group_names)}
         self.groups = torch.tensor([group_ids[p.group] for p in self.pairs], dtype=torch.long)
-        self.images = [
-            _cached_image(p.image_path, channels, 2 * image_size)
-            for p in tqdm(self.pairs, desc="Decoding images", leave=False, disable=len(self.pairs) < 1000)
-        ]
 
     def __len__(self) -> int:
         return len(self.pairs)
