@@ -117,10 +117,10 @@ def load_image(path: Path, channels: int = 1) -> np.ndarray:
     become black. 16-bit, 32-bit integer and float images are rescaled by their own min..max,
     which keeps their dynamic range. An image whose pixels are all equal becomes all zeros.
     channels=1 returns luminance and channels=3 returns RGB, with grey replicated.
-    Raises FileNotFoundError for a missing file and ValueError for one Pillow cannot decode
-    (empty, truncated or not an image), one with no pixels, a float image with NaN or infinite
-    pixels, and one above Pillow's decompression-bomb limit Image.MAX_IMAGE_PIXELS (where
-    Pillow itself only warns up to twice that limit).
+    Raises FileNotFoundError for a missing file. Raises ValueError for a file that Pillow cannot
+    decode (empty, truncated or not an image), an image without pixels, a float image with NaN or
+    infinite pixels, and an image above Pillow's decompression-bomb limit Image.MAX_IMAGE_PIXELS.
+    Pillow itself only warns between one and two times that limit.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -257,7 +257,13 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # in id order, 
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4000) -> Tokenizer:
-    """Train a lowercase WordPiece tokenizer that encodes each text as [CLS] text [SEP]."""
+    """Train a lowercase WordPiece tokenizer that encodes each text as [CLS] text [SEP].
+
+    NOTE: the `tokenizers` WordPiece trainer breaks ties between equally frequent merges in
+    hash-map order (huggingface/tokenizers issue #1794, open in 0.23), so two trainings on the
+    same texts can give different vocabularies. train.py saves the one it used beside the
+    checkpoint, and its --tokenizer flag reuses a saved one.
+    """
     tokenizer = Tokenizer(WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = BertPreTokenizer()
@@ -1017,7 +1023,7 @@ def _manifest_source(path: Path, role_columns: dict[str, str] | None = None, *,
     for number, row in rows:
         text, image_path, reason = _check_manifest_row(path, row, seen)
         if reason and strict:
-            raise ValueError(f"manifest {path} line {number}: a row {reason} (image {row['image']!r}); "
+            raise ValueError(f"manifest {path} line {number} (image {row['image']!r}): a row {reason}; "
                              "fix or remove the row, or load without strict mode to skip it")
         if reason:
             skipped.setdefault(reason, []).append(f"line {number}, image {row['image']!r}")
@@ -1075,7 +1081,7 @@ def _check_manifest_row(path: Path, row: dict, seen: set[tuple[str, str]]) -> tu
 
     key = (str(image_path), text)
     if key in seen:
-        return text, None, "that repeat an earlier row's image and text"
+        return text, None, "with the same image and text as an earlier row"
     seen.add(key)
     return text, image_path, ""
 

@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+import data
+
+# A model small enough that a few training steps take about a second on a CPU.
+TINY_FLAGS = ["--width", "32", "--depth", "1", "--heads", "2", "--embed-dim", "16", "--image-size", "32",
+              "--patch-size", "8", "--vocab-size", "200", "--max-len", "32", "--workers", "0"]
+
 
 @pytest.fixture(scope="session")
 def medpix_root() -> Path:
@@ -16,4 +22,12 @@ def medpix_root() -> Path:
     root = Path(os.environ.get("MEDPIX_ROOT", default))
     if not (root / "Descriptions.json").is_file():
         pytest.skip(f"MedPix 2.0 not found at {root}; set MEDPIX_ROOT")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    """A synthetic chest X-ray dataset of 96 train, 24 val and 24 test pairs, made once per session."""
+    root = tmp_path_factory.mktemp("synthetic") / "cxr"
+    data.make_synthetic_dataset(root, n_train=96, n_val=24, n_test=24, size=64, seed=0)
     return root

@@ -11,18 +11,10 @@ from PIL import Image
 import data
 import evaluate
 import train
+from conftest import TINY_FLAGS
 from model import ImageTextModel, ModelConfig
 
-TINY_FLAGS = ["--width", "32", "--depth", "1", "--heads", "2", "--embed-dim", "16", "--image-size", "32",
-              "--patch-size", "8", "--vocab-size", "200", "--max-len", "32", "--workers", "0"]
 FEW_PROBES = ["--seeds", "2", "--shots", "1", "2", "--percents", "10", "100"]
-
-
-@pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "cxr"
-    data.make_synthetic_dataset(root, n_train=96, n_val=24, n_test=24, size=64, seed=0)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,8 @@ import evaluate
 import train
 from model import ImageTextModel
 from momentum import EMATeacher
+from conftest import TINY_FLAGS
 
-TINY_FLAGS = ["--width", "32", "--depth", "1", "--heads", "2", "--embed-dim", "16", "--image-size", "32",
-              "--patch-size", "8", "--vocab-size", "200", "--max-len", "32", "--workers", "0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "cxr"
-    data.make_synthetic_dataset(root, n_train=96, n_val=24, n_test=24, size=64, seed=0)
-    return root
 
 
 def run_train(tmp_path, tiny_synthetic, *flags):
@@ -40,8 +32,8 @@ def record_msd_calls(monkeypatch):
     def recording_msd_loss(*args):
         image_queue, text_queue, queue_groups = args[7], args[8], args[9]
         calls.append({"image_queue": image_queue.clone(), "text_queue": text_queue.clone(),
-                      "queue_groups": queue_groups.clone(), "alpha": args[14],
-                      "positive_index": args[13].clone()})
+                      "queue_groups": queue_groups.clone(), "alpha": args[13],
+                      "positive_index": args[11].clone()})
         return original(*args)
 
     monkeypatch.setattr(train, "msd_loss", recording_msd_loss)
@@ -109,8 +101,9 @@ def test_loop_accumulation_matches_large_batch(tmp_path, tiny_synthetic, monkeyp
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_gradients)
     common = ["--steps", "1", "--eval-every", "1", "--alpha-ramp-steps", "0", "--seed", "3"]
-    run_train(tmp_path / "a", tiny_synthetic, "--accum", "4", "--batch-size", "4", *common)
-    run_train(tmp_path / "b", tiny_synthetic, "--accum", "1", "--batch-size", "16", *common)
+    first = run_train(tmp_path / "a", tiny_synthetic, "--accum", "4", "--batch-size", "4", *common)
+    run_train(tmp_path / "b", tiny_synthetic, "--accum", "1", "--batch-size", "16", *common,
+              "--tokenizer", str(first / "tokenizer.json"))
     accumulated, one_batch = gradients
     for g_accumulated, g_one in zip(accumulated, one_batch, strict=True):
         torch.testing.assert_close(g_accumulated, g_one, rtol=1e-4, atol=1e-6)
