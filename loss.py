@@ -42,6 +42,19 @@ def kl_divergence(target_logits, student_logits):
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
+def symmetric_infonce(image_queries, text_queries, image_keys, text_keys, logit_scale, mask, positive_index):
+    """InfoNCE in both directions: image queries against text keys, text queries against image keys.
+
+    Returns the two (B, N) logit matrices and the two cross-entropies; row i's positive is key
+    positive_index[i].
+    """
+    logits_i2t = masked_logits(image_queries, text_keys, logit_scale, mask)  # (B, N)
+    logits_t2i = masked_logits(text_queries, image_keys, logit_scale, mask)  # (B, N)
+    infonce_i2t = F.cross_entropy(logits_i2t, positive_index)
+    infonce_t2i = F.cross_entropy(logits_t2i, positive_index)
+    return logits_i2t, logits_t2i, infonce_i2t, infonce_t2i
+
+
 def msd_loss(
     image_queries, text_queries,    # student features of one micro-batch: (B, D) each
     image_targets, text_targets,    # teacher features of the same micro-batch, or None for no KL term
@@ -67,10 +80,8 @@ def msd_loss(
     mask = false_negative_mask(query_groups, all_groups, positive_index)  # (B, N)
 
     # InfoNCE in both directions: the positive of row i is its own pair's window key.
-    logits_i2t = masked_logits(image_queries, all_text, logit_scale, mask)  # (B, N)
-    logits_t2i = masked_logits(text_queries, all_image, logit_scale, mask)  # (B, N)
-    infonce_i2t = F.cross_entropy(logits_i2t, positive_index)
-    infonce_t2i = F.cross_entropy(logits_t2i, positive_index)
+    logits_i2t, logits_t2i, infonce_i2t, infonce_t2i = symmetric_infonce(
+        image_queries, text_queries, all_image, all_text, logit_scale, mask, positive_index)  # (B, N) logits
     infonce = (infonce_i2t + infonce_t2i) / 2
 
     # KL distillation towards the teacher's soft targets over the very same keys.
@@ -96,10 +107,8 @@ def clip_loss(image_features, text_features, groups, logit_scale) -> dict[str, t
     """
     positive_index = torch.arange(len(groups), device=groups.device)
     mask = false_negative_mask(groups, groups, positive_index)  # (B, B)
-    logits_i2t = masked_logits(image_features, text_features, logit_scale, mask)  # (B, B)
-    logits_t2i = masked_logits(text_features, image_features, logit_scale, mask)  # (B, B)
-    infonce_i2t = F.cross_entropy(logits_i2t, positive_index)
-    infonce_t2i = F.cross_entropy(logits_t2i, positive_index)
+    _, _, infonce_i2t, infonce_t2i = symmetric_infonce(
+        image_features, text_features, image_features, text_features, logit_scale, mask, positive_index)
     infonce = (infonce_i2t + infonce_t2i) / 2
     return {"loss": infonce, "infonce": infonce, "kl": torch.zeros_like(infonce),
             "infonce_i2t": infonce_i2t, "infonce_t2i": infonce_t2i}
