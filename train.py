@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -268,39 +269,66 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     The order of an epoch depends only on the seed and the epoch number. A resumed run sets epoch
     and start (the micro-batches of the epoch already used), so it draws exactly the batches that
     the stopped run would have drawn next.
+
+    With world_size > 1 every rank computes the same order and keeps only its share. The
+    micro-batches, read as one stream across epochs, form windows of block * world_size, and rank r
+    takes the r-th run of `block` micro-batches of each window. Rank 0's micro-batches of a window,
+    then rank 1's and so on, are thus the window of one process with block * world_size. phase is
+    the number of micro-batches of the current window that come before `start`.
     """
 
-    def __init__(self, dataset_size: int, batch_size: int, seed: int):
+    def __init__(self, dataset_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 block: int = 1):
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.block = block
         self.epoch = 0
         self.start = 0
+        self.phase = 0
+
+    def batches_per_epoch(self) -> int:
+        return self.dataset_size // self.batch_size
+
+    def rank_batches(self) -> list[int]:
+        """Return the numbers of this rank's micro-batches in the epoch, from start on."""
+        window = self.block * self.world_size
+        return [batch for batch in range(self.start, self.batches_per_epoch())
+                if (self.phase + batch - self.start) % window // self.block == self.rank]
 
     def __len__(self) -> int:
-        return self.dataset_size // self.batch_size - self.start
+        return len(self.rank_batches())
 
     def __iter__(self):
         # distinct for every (seed, epoch) with seed >= 0 and epoch < 1_000_003
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        for batch in range(self.start, self.dataset_size // self.batch_size):
+        for batch in self.rank_batches():
             yield order[batch * self.batch_size:(batch + 1) * self.batch_size]
 
 
 def endless(loader, position: dict):
-    """Yield micro-batches forever from position {"epoch", "batch"}, advancing it per micro-batch.
+    """Yield this rank's micro-batches forever, starting at position {"epoch", "batch"}.
 
-    Windows may span epochs. position counts what the loop has taken, not what workers prefetched.
+    position must be the start of a window, and it is read once. Windows may span epochs.
     """
     sampler = loader.batch_sampler
+    window = sampler.block * sampler.world_size
+    epoch, start, phase = position["epoch"], position["batch"], 0
     while True:
-        sampler.epoch, sampler.start = position["epoch"], position["batch"]
-        for batch in loader:
-            position["batch"] += 1
-            yield batch
-        position["epoch"] += 1
-        position["batch"] = 0
+        sampler.epoch, sampler.start, sampler.phase = epoch, start, phase
+        yield from loader
+        phase = (phase + sampler.batches_per_epoch() - start) % window
+        epoch, start = epoch + 1, 0
+
+
+def advance_position(position: dict, micro_batches: int, per_epoch: int) -> None:
+    """Move the data position {"epoch", "batch"} on by micro_batches, counted over all ranks."""
+    batch = position["batch"] + micro_batches
+    position["epoch"] += batch // per_epoch
+    position["batch"] = batch % per_epoch
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -604,15 +632,102 @@ def validate(model, pairs_loader, device, amp) -> dict[str, float]:
 
 
 # -----------------------------------------------------------------------------
+# several processes, one per GPU or CPU share, as torchrun starts them (WORLD_SIZE > 1)
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    Returns (rank, world size, device). NCCL on CUDA, where each process takes GPU LOCAL_RANK
+    whatever --device names; gloo on CPU. A single process gets (0, 1, --device) and no group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def describe_batch(K: int, B: int, world_size: int) -> str:
+    if world_size == 1:
+        return f"{K} x {B} = {K * B}"
+    return f"{world_size} ranks x {K} x {B} = {world_size * K * B}"
+
+
+def broadcast_from_rank0(value):
+    """Return rank 0's value on every rank; any picklable object."""
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
+
+
+def gather_from_ranks(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0, rank 0's rows first. No gradient flows back."""
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_over_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """Average scalar tensors over ranks, so that every rank logs and checks the global values."""
+    if world_size == 1:
+        return values
+    stacked = torch.stack(list(values.values()))
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / world_size))
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Return True on every rank when the flag is True on at least one, so all ranks take one branch."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_rng_states(loader_rng: torch.Generator, device: torch.device, world_size: int) -> list[dict]:
+    """Return the random generator states of every rank, rank 0's first."""
+    states = rng_states(loader_rng, device)
+    if world_size == 1:
+        return [states]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def restore_rank_rng(checkpoint: dict, rank: int, seed: int, loader_rng: torch.Generator, device) -> None:
+    """Restore the random generators of a rank other than 0 from the checkpoint's per-rank states.
+
+    A checkpoint of a run with fewer ranks has no state for this rank, which then re-seeds
+    from seed + rank, so its augmentation stream restarts rather than continues.
+    """
+    states = checkpoint.get("rng_by_rank", [])
+    if rank < len(states):
+        restore_rng_states(states[rank], loader_rng, device)
+        return
+    print(f"note: rank {rank}: the checkpoint has no random generator state for this rank; "
+          f"re-seeding from --seed + rank = {seed + rank}")
+    seed_everything(seed + rank)
+    loader_rng.manual_seed(seed + rank)
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
     args = get_args(argv)
-    seed_everything(args.seed)
-    device = pick_device(args.device)
+    seed_everything(args.seed)  # the same on every rank, so every rank builds the same initial weights
+    rank, world_size, device = init_distributed(args.device)
+    is_main = rank == 0  # only rank 0 prints, validates and writes files
     amp = autocast_context(device, args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    K, B = args.accum, args.batch_size
+    K, B = args.accum, args.batch_size  # per rank: one optimizer step takes K * B * world_size pairs
 
     # resume: the checkpoint to continue from, checked against this run's settings before data is read
     resume_path = find_resume_checkpoint(args.resume, out)
@@ -627,10 +742,20 @@ def main(argv=None) -> dict:
         check_resume_settings(checkpoint, resume_path, args, model_config(args, tokenizer.get_vocab_size()))
 
     # data: tokenizer trained on the training texts (or the checkpoint's), every text tokenised once
+    # With several ranks, rank 0 trains the tokenizer and sends it to the others. WordPiece training
+    # breaks ties in hash-map order, so ranks that trained their own could get other token ids
+    share_tokenizer = world_size > 1 and tokenizer is None
+    if share_tokenizer and not is_main:
+        tokenizer = Tokenizer.from_str(broadcast_from_rank0(None))  # waits until rank 0 has trained it
     source, tokenizer, tokenizer_json, train_set, val_set = load_data(args, tokenizer)
-    write_text_atomically(out / "tokenizer.json", tokenizer_json)
-    sampler = EpochBatchSampler(len(train_set), B, args.seed)
-    loader_rng = torch.Generator().manual_seed(args.seed)  # seeds the workers, while the sampler fixes the order
+    if share_tokenizer and is_main:
+        broadcast_from_rank0(tokenizer_json)
+    if is_main:
+        write_text_atomically(out / "tokenizer.json", tokenizer_json)
+    # every rank takes its own K micro-batches of each global window of K * world_size
+    sampler = EpochBatchSampler(len(train_set), B, args.seed, rank, world_size, block=K)
+    # seeds the workers, while the sampler fixes the order
+    loader_rng = torch.Generator().manual_seed(args.seed + rank)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, generator=loader_rng, worker_init_fn=ignore_stop_signals,
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
@@ -641,6 +766,11 @@ def main(argv=None) -> dict:
     # model: the student, its EMA teacher and the two queues of teacher features
     cfg = model_config(args, tokenizer.get_vocab_size())
     model = ImageTextModel(cfg).to(device)
+    # the student's forward runs through DDP, which all-reduces the gradients in the backward; the
+    # loop reads parameters, temperature and state dict from the unwrapped `model`
+    student = model
+    if world_size > 1:
+        student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, args)
     use_teacher = args.method == "msd"
     teacher = EMATeacher(model, args.momentum, args.momentum_warmup).to(device) if use_teacher else None
@@ -648,34 +778,43 @@ def main(argv=None) -> dict:
     text_queue = FeatureQueue(args.queue_size if use_teacher else 0, cfg.embed_dim).to(device)
     stateful = {"model": model, "teacher": teacher, "image_queue": image_queue, "text_queue": text_queue,
                 "optimizer": optimizer}
+    if rank > 0:
+        seed_everything(args.seed + rank)  # its own stream of random crops and dropout
     counts = model.param_counts()
-    print(f"data: {source.name} at {source.root}, {len(train_set)} train / {len(val_set)} val pairs; "
-          f"vocabulary {cfg.vocab_size}")
-    print(f"model: {counts['total'] / 1e6:.2f}M parameters (image {counts['image'] / 1e6:.2f}M, "
-          f"text {counts['text'] / 1e6:.2f}M); method {args.method}, effective batch {K} x {B} = {K * B}, "
-          f"queue {image_queue.size}, device {device}")
-    print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
-    if use_teacher and args.queue_size < K * B:
-        print(f"note: --queue-size {args.queue_size} is smaller than a window of {K * B} keys, so each "
-              f"enqueue keeps only the newest {args.queue_size}")
+    if is_main:
+        print(f"data: {source.name} at {source.root}, {len(train_set)} train / {len(val_set)} val pairs; "
+              f"vocabulary {cfg.vocab_size}")
+        print(f"model: {counts['total'] / 1e6:.2f}M parameters (image {counts['image'] / 1e6:.2f}M, "
+              f"text {counts['text'] / 1e6:.2f}M); method {args.method}, effective batch {describe_batch(K, B, world_size)}, "
+              f"queue {image_queue.size}, device {device}")
+        print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+        if use_teacher and args.queue_size < K * B * world_size:
+            print(f"note: --queue-size {args.queue_size} is smaller than a window of {K * B * world_size} keys, so each "
+                  f"enqueue keeps only the newest {args.queue_size}")
 
     # resume: weights, teacher, queues, optimizer, data position and every random generator
     start_step, position, skipped_steps = 0, {"epoch": 0, "batch": 0}, 0
     best_step, best_recall, val_scores = None, None, {}
     if checkpoint:
         restore_training_state(checkpoint, stateful, len(train_set), loader_rng, device)
+        if rank > 0:
+            restore_rank_rng(checkpoint, rank, args.seed, loader_rng, device)
         start_step, position = checkpoint["step"], dict(checkpoint["data_position"])
         skipped_steps, val_scores = checkpoint["skipped_steps"], checkpoint["val"]
         best_step, best_recall = checkpoint["best_step"], checkpoint["best_recall"]
-        print(f"resumed from {resume_path} at step {start_step}")
+        if is_main:
+            print(f"resumed from {resume_path} at step {start_step}")
 
     batches = endless(train_loader, position)
-    metrics_file = open_metrics(out / "metrics.jsonl", start_step if checkpoint else None)
+    if is_main:
+        metrics_file = open_metrics(out / "metrics.jsonl", start_step if checkpoint else None)
+    else:
+        metrics_file = open(os.devnull, "w")  # so the loop writes its rows the same way on every rank
     stop = StopSignal()  # SIGINT or SIGTERM: save a checkpoint after the current step, then exit
-    failure = None
+    failure, stop_now = None, False
     step = start_step - 1  # the last finished step, if the loop has nothing to do
     progress = tqdm(range(start_step, args.steps), desc=f"{args.method} K={K} B={B}", dynamic_ncols=True,
-                    initial=start_step, total=args.steps)
+                    initial=start_step, total=args.steps, disable=not is_main)
     for step in progress:
         t0 = time.perf_counter()
 
@@ -685,9 +824,10 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         alpha = alpha_at(step, args) if use_teacher else 0.0
 
-        # load the window: K micro-batches
+        # load the window: this rank's K micro-batches of the global window of K * world_size
         window = [{k: v.to(device, non_blocking=True) for k, v in trim_padding(next(batches)).items()}
                   for _ in range(K)]
+        advance_position(position, K * world_size, sampler.batches_per_epoch())
         window_groups = torch.cat([mb["group"] for mb in window])  # (K*B,)
 
         # teacher encodes the whole window first: the keys every micro-batch is contrasted with
@@ -696,36 +836,54 @@ def main(argv=None) -> dict:
             image_queue_snapshot, queue_groups = image_queue.contents()  # (Q, D), (Q,)
             text_queue_snapshot, _ = text_queue.contents()
 
-        # student forward, loss and backward, one micro-batch at a time
+        # all-gather the keys, so every rank contrasts with the global window of K*B*world_size keys in
+        # rank-major order: rank 0's K*B keys, then rank 1's, ...; this rank's rows start at first_row
+        if use_teacher:
+            image_keys = gather_from_ranks(image_keys, world_size)  # (K*B*world_size, D)
+            text_keys = gather_from_ranks(text_keys, world_size)
+            window_groups = gather_from_ranks(window_groups, world_size)  # (K*B*world_size,)
+        first_row = rank * K * B
+
+        # student forward, loss and backward, one micro-batch at a time. DDP all-reduces the gradients
+        # in the last micro-batch's backward only, and averages them over ranks. Each rank's loss is
+        # the mean over its own K*B rows, so that average is the gradient of the mean over all
+        # K*B*world_size rows of the global window, as for one large batch
         terms_sum: dict[str, torch.Tensor] = {}
         for j, mb in enumerate(window):
-            with amp:
-                image_queries, text_queries = model(mb["image"], mb["input_ids"], mb["attention_mask"])  # (B, D)
-            if use_teacher:
-                rows = slice(j * B, (j + 1) * B)
-                terms = msd_loss(
-                    image_queries, text_queries, image_keys[rows], text_keys[rows],
-                    image_keys, text_keys, window_groups,
-                    image_queue_snapshot, text_queue_snapshot, queue_groups,
-                    mb["group"], torch.arange(j * B, (j + 1) * B, device=device),
-                    model.logit_scale, alpha)
-            else:
-                terms = clip_loss(image_queries, text_queries, mb["group"], model.logit_scale)
-            (terms["loss"] / K).backward()
+            sync = student.no_sync() if world_size > 1 and j < K - 1 else nullcontext()
+            with sync:
+                with amp:
+                    image_queries, text_queries = student(mb["image"], mb["input_ids"], mb["attention_mask"])  # (B, D)
+                if use_teacher:
+                    rows = slice(first_row + j * B, first_row + (j + 1) * B)
+                    terms = msd_loss(
+                        image_queries, text_queries, image_keys[rows], text_keys[rows],
+                        image_keys, text_keys, window_groups,
+                        image_queue_snapshot, text_queue_snapshot, queue_groups,
+                        mb["group"], torch.arange(rows.start, rows.stop, device=device),
+                        model.logit_scale, alpha)
+                else:
+                    terms = clip_loss(image_queries, text_queries, mb["group"], model.logit_scale)
+                (terms["loss"] / K).backward()
             for name, value in terms.items():
                 terms_sum[name] = terms_sum.get(name, 0.0) + value.detach() / K
+        terms_sum = average_over_ranks(terms_sum, world_size)  # the loss of the global window
         terms_sum = {name: value.item() for name, value in terms_sum.items()}  # one sync per step
 
-        # stop, or skip this step, before a non-finite loss or gradient reaches the weights, teacher or queue
+        # stop, or skip this step, before a non-finite loss or gradient reaches the weights, teacher or queue.
+        # All ranks take the same branch, because a rank that stepped alone would wait forever in a collective
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
         nonfinite = describe_nonfinite(terms_sum, grad_norm)
+        if any_rank(bool(nonfinite), world_size, device) and not nonfinite:
+            nonfinite = "non-finite gradient norm on another rank"
         if nonfinite and not args.skip_nonfinite:
             failure = (f"error: {nonfinite} at step {step + 1}; checkpoints of earlier steps are in {out}. Try "
                        f"a lower --lr or a higher --min-temperature, or pass --skip-nonfinite to skip such steps")
             break
         if nonfinite:
             skipped_steps += 1
-            progress.write(f"warning: skipped step {step + 1}: {nonfinite}")
+            if is_main:
+                progress.write(f"warning: skipped step {step + 1}: {nonfinite}")
             optimizer.zero_grad(set_to_none=True)
 
         # optimizer step: step, clamp the temperature, zero the gradients
@@ -734,11 +892,12 @@ def main(argv=None) -> dict:
             model.clamp_temperature(args.min_temperature, args.max_temperature)
             optimizer.zero_grad(set_to_none=True)
 
-        # EMA update of the teacher, once per optimizer step
+        # EMA update of the teacher, once per optimizer step. It needs no communication, because after
+        # the all-reduce every rank has the same student and so computes the same teacher
         if use_teacher and not nonfinite:
             teacher.update(model)
 
-        # enqueue the window's keys, once per optimizer step
+        # enqueue the global window's keys, once per optimizer step: the same queue on every rank
         if use_teacher and not nonfinite:
             image_queue.enqueue(image_keys, window_groups)
             text_queue.enqueue(text_keys, window_groups)
@@ -749,15 +908,15 @@ def main(argv=None) -> dict:
             row = {"step": step + 1, "lr": lr, "alpha": alpha, "skipped": nonfinite}  # keeps NaN out of the JSON
         else:
             row = {"step": step + 1, "lr": lr, "alpha": alpha, "temperature": model.temperature.item(),
-                   "grad_norm": grad_norm, "pairs_per_sec": K * B / seconds, **terms_sum}
+                   "grad_norm": grad_norm, "pairs_per_sec": K * B * world_size / seconds, **terms_sum}
         progress.set_postfix(loss=f"{terms_sum['loss']:.3f}", nce=f"{terms_sum['infonce']:.3f}",
                              kl=f"{terms_sum['kl']:.3f}", alpha=f"{alpha:.2f}", T=f"{model.temperature.item():.3f}",
-                             pairs_s=f"{K * B / seconds:.0f}", batch=K * B)
+                             pairs_s=f"{K * B * world_size / seconds:.0f}", batch=K * B * world_size)
 
-        # validate every --eval-every steps and at the end, tracking the best mean R@10 for checkpoint_best.pt
+        # validate every --eval-every steps and at the end, on rank 0, tracking the best mean R@10 for checkpoint_best.pt
         evaluate_now = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
         is_best = False
-        if evaluate_now:
+        if evaluate_now and is_main:
             val_scores = validate(model, val_loader, device, amp)
             row["val"] = val_scores
             is_best = best_recall is None or validation_recall(val_scores) > best_recall
@@ -767,13 +926,18 @@ def main(argv=None) -> dict:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
-        # save a checkpoint after each validation, and after this step if SIGINT or SIGTERM came
-        if evaluate_now or stop.signum:
+        # save a checkpoint after each validation, and after this step if SIGINT or SIGTERM came to any rank.
+        # Rank 0 saves the unwrapped student (no "module." prefix) and the random generators of every rank
+        stop_now = any_rank(stop.signum is not None, world_size, device)
+        if evaluate_now or stop_now:
+            rank_rng = gather_rng_states(loader_rng, device, world_size)
+        if (evaluate_now or stop_now) and is_main:
             save_checkpoints(out, {
                 **{name: module.state_dict() if module is not None else None for name, module in stateful.items()},
                 "step": step + 1,
                 "data_position": dict(position),
-                "rng": rng_states(loader_rng, device),
+                "rng": rank_rng[0],
+                **({"rng_by_rank": rank_rng} if world_size > 1 else {}),
                 "args": vars(args),
                 "model_config": dataclasses.asdict(cfg),
                 "tokenizer": tokenizer_json,
@@ -783,24 +947,31 @@ def main(argv=None) -> dict:
                 "best_recall": best_recall,
                 "skipped_steps": skipped_steps,
             }, args.keep, best=is_best)
-        if stop.signum:
+        if (evaluate_now or stop_now) and world_size > 1:
+            dist.barrier()  # no rank moves on, or exits, before the checkpoint is complete
+        if stop_now:
             break
 
     stop.restore()
     metrics_file.close()
     progress.close()
+    if world_size > 1:
+        dist.destroy_process_group()
     if failure:
         sys.exit(failure)
-    if skipped_steps:
-        print(f"warning: skipped {skipped_steps} optimizer steps with a non-finite loss or gradient norm")
-    if start_step >= args.steps:
-        print(f"note: the checkpoint is at step {start_step}, so nothing is left of --steps {args.steps}")
-    print(describe_checkpoints(out, step + 1, best_step, best_recall))
-    print(f"tokenizer {out / 'tokenizer.json'}, metrics {out / 'metrics.jsonl'}")
-    if stop.signum:
-        name = signal.Signals(stop.signum).name
-        print(f"stopped by {name} after step {step + 1}; continue with the same command and --resume")
-        sys.exit(128 + stop.signum)  # the shell's convention for a process ended by a signal
+    if is_main:
+        if skipped_steps:
+            print(f"warning: skipped {skipped_steps} optimizer steps with a non-finite loss or gradient norm")
+        if start_step >= args.steps:
+            print(f"note: the checkpoint is at step {start_step}, so nothing is left of --steps {args.steps}")
+        print(describe_checkpoints(out, step + 1, best_step, best_recall))
+        print(f"tokenizer {out / 'tokenizer.json'}, metrics {out / 'metrics.jsonl'}")
+    if stop_now:
+        signum = stop.signum or signal.SIGTERM  # a rank that saw no signal stops because another did
+        if is_main:
+            name = signal.Signals(signum).name
+            print(f"stopped by {name} after step {step + 1}; continue with the same command and --resume")
+        sys.exit(128 + signum)  # the shell's convention for a process ended by a signal
     return val_scores
 
 
