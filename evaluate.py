@@ -29,6 +29,7 @@ that is undefined because the labels contain a single class is NaN here and null
 import argparse
 import json
 import math
+import pickle
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tokenizers import Tokenizer
 
 from data import Pair, PairDataset, load_image, load_tokenizer, open_source, tokenize
 from model import ImageTextModel, ModelConfig
@@ -777,14 +779,26 @@ def draw_retrieval_examples(pairs: list[Pair], similarity: torch.Tensor, groups:
 def load_checkpoint(path: Path, which: str, device: torch.device):
     """Return (model, tokenizer, checkpoint dict) with `which` = "student" or "teacher" weights loaded.
 
-    Loading runs no code from the file: tensors and plain data only (weights_only=True), and the
-    tokenizer is read from tokenizer.json beside the checkpoint.
+    Loading runs no code from the file: tensors and plain data only (weights_only=True). The
+    tokenizer is the one stored in the checkpoint, so a tokenizer.json that a later run wrote
+    into the same folder cannot silently change the token ids; tokenizer.json beside the
+    checkpoint is the fallback for a checkpoint without one.
     """
     path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
     if not path.is_file():
         sys.exit(f"error: checkpoint {path} not found; train one with `python train.py --accum 8` "
                  f"or pass --checkpoint PATH")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1]
+        sys.exit(f"error: rejected {path}: it holds objects other than tensors and plain data, and "
+                 f"loading them could run code ({reason}); pass a checkpoint written by train.py")
+    except (RuntimeError, EOFError) as error:
+        sys.exit(f"error: cannot read checkpoint {path} ({error}); it may be truncated, so pass an "
+                 f"earlier checkpoint of the run")
     model = ImageTextModel(ModelConfig(**checkpoint["model_config"]))
     if which == "teacher":
         if checkpoint.get("teacher") is None:
@@ -795,7 +809,14 @@ def load_checkpoint(path: Path, which: str, device: torch.device):
     else:
         state = checkpoint["model"]
     model.load_state_dict(state)
-    tokenizer = load_tokenizer(path.parent / "tokenizer.json")
+    if checkpoint.get("tokenizer"):
+        tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+    else:
+        try:
+            tokenizer = load_tokenizer(path.parent / "tokenizer.json")
+        except FileNotFoundError:
+            sys.exit(f"error: {path} stores no tokenizer and there is no tokenizer.json beside it; "
+                     f"copy the tokenizer.json of the training run there")
     return model.to(device).eval(), tokenizer, checkpoint
 
 
@@ -930,9 +951,12 @@ def main(argv=None) -> dict:
     model, tokenizer, checkpoint = load_checkpoint(Path(args.checkpoint), args.model, device)
     train_args = checkpoint["args"]
     spec = args.data if args.data is not None else train_args["data"]
-    source = open_source(spec)
-    split = args.split or source.eval_split
-    pairs = source.pairs(split)
+    try:
+        source = open_source(spec)
+        split = args.split or source.eval_split
+        pairs = source.pairs(split)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
     if args.max_pairs and len(pairs) > args.max_pairs:
         keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:args.max_pairs]
         pairs = [pairs[i] for i in sorted(keep.tolist())]

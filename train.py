@@ -61,7 +61,8 @@ def get_args(argv=None) -> argparse.Namespace:
                         "compare runs on identical token ids (default: train a new one)")
     g.add_argument("--workers", type=int, default=0,
                    help="data loader processes; 0 loads in the training process, which is fastest on a "
-                        "2-core CPU because images are decoded once into memory. A resumed run repeats "
+                        "2-core CPU because images are already decoded into memory and only cropped per "
+                        "step. A resumed run repeats "
                         "the random crops of an uninterrupted one only with 0 (default: %(default)s)")
     g.add_argument("--strict", action="store_true",
                    help="stop with an error at the first manifest row or image that would be skipped "
@@ -123,7 +124,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue the run saved in checkpoint PATH; without PATH, the latest checkpoint "
                         "in --out, or a new run when --out has none")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random generator (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of every random generator; the tokenizer's training cannot be seeded, so pass "
+                        "--tokenizer too for identical runs (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast dtype of the encoders; auto = bf16 on CUDA, fp32 on CPU. Master weights, "
