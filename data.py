@@ -859,6 +859,9 @@ def open_source(spec: str | None, *, synthetic_root: Path | None = None,
     if kind == "synthetic" and not (path / "dataset.json").exists():
         make_synthetic_dataset(path)
     if not path.exists():
+        if colon and kind is None and len(prefix) > 1 and Path(rest).expanduser().exists():
+            # "medpx:/data/medpix" names an existing folder with a mistyped format
+            raise ValueError(f"unknown dataset format {prefix!r} in {spec!r}. {FORMAT_HELP}")
         raise FileNotFoundError(f"dataset path {path} does not exist. {FORMAT_HELP}")
     if kind is None:
         kind = _detect_format(path)

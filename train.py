@@ -396,7 +396,7 @@ CONFIG_FLAGS = {
 }
 # other settings that a resumed run must share with its checkpoint: they fix the shapes of
 # the saved state or the meaning of its data position
-RESUME_FIXED_ARGS = ("method", "batch_size", "queue_size", "vocab_size", "seed")
+RESUME_FIXED_ARGS = ("data", "method", "batch_size", "queue_size", "vocab_size", "seed")
 
 
 def validation_recall(scores: dict[str, float]) -> float:
@@ -791,6 +791,9 @@ def main(argv=None) -> dict:
               f"text {counts['text'] / 1e6:.2f}M); method {args.method}, effective batch {describe_batch(K, B, world_size)}, "
               f"queue {image_queue.size}, device {device}")
         print("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()))
+        if K * B * world_size > len(train_set):
+            print(f"note: a window of {K * B * world_size} pairs is larger than the {len(train_set)} training "
+                  f"pairs, so pairs repeat within a window; lower --accum or --batch-size")
         if use_teacher and args.queue_size < K * B * world_size:
             print(f"note: --queue-size {args.queue_size} is smaller than a window of {K * B * world_size} keys, so each "
                   f"enqueue keeps only the newest {args.queue_size}")
@@ -980,4 +983,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # during set-up; once training runs, Ctrl-C saves a checkpoint instead
+        sys.exit("interrupted before the first optimizer step; nothing was saved")
