@@ -188,9 +188,18 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """Return the --device to run on; exit with a message for an invalid or unavailable one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        sys.exit(f"error: invalid --device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {name} requested, but this PyTorch build sees no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {name} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def autocast_context(device: torch.device, precision: str):
