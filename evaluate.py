@@ -781,8 +781,8 @@ def load_checkpoint(path: Path, which: str, device: torch.device):
 
     Loading runs no code from the file: tensors and plain data only (weights_only=True). The
     tokenizer is the one stored in the checkpoint, so a tokenizer.json that a later run wrote
-    into the same folder cannot silently change the token ids; tokenizer.json beside the
-    checkpoint is the fallback for a checkpoint without one.
+    into the same folder cannot silently change the token ids. A checkpoint without a stored
+    tokenizer falls back to tokenizer.json beside it.
     """
     path = Path(path)
     if path.is_dir():

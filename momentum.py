@@ -38,7 +38,7 @@ class EMATeacher(nn.Module):
         """The momentum of the next update: fixed, or with warm-up min(m, (1 + n) / (10 + n)).
 
         Warm-up (the num_updates rule of TensorFlow's ExponentialMovingAverage) lets a teacher
-        that starts from a random student follow it closely at first; with a fixed m, the teacher
+        that starts from a random student follow it closely at first. With a fixed m, the teacher
         keeps weight m ** n on its random initialisation after n updates.
         NOTE: in one 400-step run on the synthetic data it did not learn faster than a fixed
         momentum, so train.py leaves it off by default.

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import data
 
@@ -31,3 +32,12 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "cxr"
     data.make_synthetic_dataset(root, n_train=96, n_val=24, n_test=24, size=64, seed=0)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, so subprocesses and spawned ranks do not oversubscribe the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

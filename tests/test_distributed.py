@@ -15,12 +15,7 @@ from conftest import TINY_FLAGS
 from momentum import EMATeacher, FeatureQueue
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -----------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_msd_loss_alpha_zero_is_infonce():
     torch.testing.assert_close(terms["infonce_i2t"], total / 8)
 
 
-def test_msd_loss_teacher_equal_to_student_has_zero_kl():
+def test_kl_zero_when_teacher_is_student():
     torch.manual_seed(0)
     student = ImageTextModel(TINY).double()
     images, ids, mask, groups = make_batch(8)

@@ -38,12 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATE_KEYS = ("model", "teacher", "image_queue", "text_queue", "optimizer")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_argv(dataset, out, *flags):
