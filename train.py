@@ -23,6 +23,7 @@ import os
 import pickle
 import random
 import re
+import resource
 import signal
 import sys
 import threading
@@ -131,6 +132,9 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="autocast dtype of the encoders; auto = bf16 on CUDA, fp32 on CPU. Master weights, "
                         "logits, softmax and loss are always fp32 (default: %(default)s)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the student and teacher with torch.compile: faster steps after a compilation "
+                        "of about a minute on a CPU, so it pays off in long runs only")
     args = p.parse_args(argv)
     validate_args(p, args)
     return args
@@ -230,6 +234,45 @@ def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": args.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start measuring peak memory from now and return the memory in use now, in MiB.
+
+    On CUDA both count CUDA tensors; on CPU both are the process's RSS. Outside Linux the CPU peak
+    cannot be reset, so it stays the peak since the process started, and the return value is 0.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        # Linux 4.0 and later: writing 5 to clear_refs resets VmHWM to the current RSS (man 5 proc)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return read_proc_status("VmRSS:")
+    except OSError:
+        return 0.0
+
+
+def read_proc_status(field: str) -> float:
+    """Return a memory field of /proc/self/status, such as "VmRSS:", in MiB. Raises OSError outside Linux."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024  # the file gives kB
+    raise OSError(f"{field} not found in /proc/self/status")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Return the peak memory since reset_peak_memory in MiB: CUDA tensors on CUDA, else the process's RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return read_proc_status("VmHWM:")
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def trim_padding(batch: dict) -> dict:
@@ -788,6 +831,12 @@ def main(argv=None) -> dict:
     teacher = EMATeacher(model, args.momentum, args.momentum_warmup).to(device) if use_teacher else None
     image_queue = FeatureQueue(args.queue_size if use_teacher else 0, cfg.embed_dim).to(device)
     text_queue = FeatureQueue(args.queue_size if use_teacher else 0, cfg.embed_dim).to(device)
+    if args.compile:
+        # Speed only. Module.compile() compiles the forward in place, so parameter names, state dicts
+        # and the EMA update see the plain modules
+        model.compile()
+        if teacher is not None:
+            teacher.compile()
     stateful = {"model": model, "teacher": teacher, "image_queue": image_queue, "text_queue": text_queue,
                 "optimizer": optimizer}
     if rank > 0:
@@ -828,6 +877,8 @@ def main(argv=None) -> dict:
     stop = StopSignal()  # SIGINT or SIGTERM: save a checkpoint after the current step, then exit
     failure, stop_now = None, False
     step = start_step - 1  # the last finished step, if the loop has nothing to do
+    # peak_memory_mb in metrics.jsonl is the training loop's peak, not the set-up's
+    memory_at_start = reset_peak_memory(device)
     progress = tqdm(range(start_step, args.steps), desc=f"{args.method} K={K} B={B}", dynamic_ncols=True,
                     initial=start_step, total=args.steps, disable=not is_main)
     for step in progress:
@@ -843,6 +894,7 @@ def main(argv=None) -> dict:
         window = [{k: v.to(device, non_blocking=True) for k, v in trim_padding(next(batches)).items()}
                   for _ in range(K)]
         advance_position(position, K * world_size, sampler.batches_per_epoch())
+        data_seconds = time.perf_counter() - t0  # waiting for the data, part of `seconds` below
         window_groups = torch.cat([mb["group"] for mb in window])  # (K*B,)
 
         # teacher encodes the whole window first: the keys every micro-batch is contrasted with
@@ -917,13 +969,16 @@ def main(argv=None) -> dict:
             image_queue.enqueue(image_keys, window_groups)
             text_queue.enqueue(text_keys, window_groups)
 
-        # log
+        # log. On CUDA the optimizer step and EMA update queued after the last .item() may still be
+        # running: their time lands in the next step's `seconds`, so the mean over steps is right
         seconds = time.perf_counter() - t0
+        timing = {"seconds": seconds, "data_seconds": data_seconds, "pairs_per_sec": K * B * world_size / seconds,
+                  "peak_memory_mb": peak_memory_mb(device), "start_memory_mb": memory_at_start}
         if nonfinite:
-            row = {"step": step + 1, "lr": lr, "alpha": alpha, "skipped": nonfinite}  # keeps NaN out of the JSON
+            row = {"step": step + 1, "lr": lr, "alpha": alpha, "skipped": nonfinite, **timing}  # keeps NaN out of the JSON
         else:
             row = {"step": step + 1, "lr": lr, "alpha": alpha, "temperature": model.temperature.item(),
-                   "grad_norm": grad_norm, "pairs_per_sec": K * B * world_size / seconds, **terms_sum}
+                   "grad_norm": grad_norm, **timing, **terms_sum}
         progress.set_postfix(loss=f"{terms_sum['loss']:.3f}", nce=f"{terms_sum['infonce']:.3f}",
                              kl=f"{terms_sum['kl']:.3f}", alpha=f"{alpha:.2f}", T=f"{model.temperature.item():.3f}",
                              pairs_s=f"{K * B * world_size / seconds:.0f}", batch=K * B * world_size)
