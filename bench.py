@@ -12,6 +12,7 @@ and writes them as JSON to --out. Run nothing else on the machine while it measu
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import platform
@@ -52,21 +53,23 @@ def run_train(train_args: list[str], out: Path, log_name: str = "train.log") -> 
     seconds = time.perf_counter() - start
     if finished.returncode != 0:
         tail = "".join((out / log_name).read_text().splitlines(keepends=True)[-15:])
-        sys.exit(f"error: train.py failed with exit status {finished.returncode}:\n  {' '.join(command)}\n{tail}")
+        sys.exit(f"error: train.py failed with exit status {finished.returncode}:\n  {' '.join(command)}\n{tail}"
+                 f"(the whole output is in {out / log_name})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, seconds
 
 
-def shared_tokenizer(data: str | None, out: Path) -> Path:
+def shared_tokenizer(data: str | None, train_args: list[str], out: Path) -> Path:
     """Train one tokenizer on the training texts and return its path, so every run uses the same token ids.
 
     WordPiece training in tokenizers 0.23 can break ties differently from one process to the next,
     so two runs that each train their own tokenizer could differ in more than what is compared.
+    The file is kept per dataset and vocabulary size and reused by later calls.
     """
-    path = out / "tokenizer.json"
+    args = train.get_args([*data_args(data), *train_args])  # train.py's defaults, --vocab-size included
+    path = out / "tokenizers" / f"{data_name(data)}-vocab{args.vocab_size}.json"
     if not path.is_file():
         print(f"training the shared tokenizer in {path}")
-        args = train.get_args(data_args(data))  # train.py's defaults, --vocab-size included
         try:
             texts = [pair.text for pair in open_source(args.data).pairs("train")]
         except (FileNotFoundError, ValueError) as error:
@@ -78,6 +81,22 @@ def shared_tokenizer(data: str | None, out: Path) -> Path:
 
 def data_args(data: str | None) -> list[str]:
     return ["--data", data] if data else []
+
+
+def data_name(data: str | None) -> str:
+    """Return a folder name for a dataset spec: its format and a hash of the whole spec, as in medpix-1a2b3c4d."""
+    if not data:
+        return "synthetic"
+    prefix = data.split(":", 1)[0] if ":" in data else "data"
+    if not prefix.isidentifier():  # a Windows drive letter or a path, not a format name
+        prefix = "data"
+    return f"{prefix}-{hashlib.sha1(data.encode()).hexdigest()[:8]}"
+
+
+# train.py flags that bench.py sets itself: --train-args must not change them
+CONTROLLED_FLAGS = {"--data", "--out", "--steps", "--accum", "--batch-size", "--method", "--alpha", "--seed",
+                    "--tokenizer", "--precision", "--device", "--eval-every", "--resume"}
+
 
 
 def describe_machine() -> dict:
@@ -126,13 +145,15 @@ if aten._scaled_dot_product_flash_attention_for_cpu not in torch.utils.flop_coun
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def count_flops_per_pair(train_args: list[str], tokenizer: Path, windows: int = 4) -> float:
-    """Count the FLOPs of the training step per pair with torch.utils.flop_counter, on real windows.
+def count_flops_per_pair(train_args: list[str], tokenizer: Path, skip: int, windows: int) -> float:
+    """Count the FLOPs of the training step per pair with torch.utils.flop_counter.
 
-    Counts what the step computes: the teacher's forward pass of every micro-batch (msd), the
-    student's forward and backward passes, and the loss against the window's keys and a full queue.
-    Texts are cut to the longest in each micro-batch, as in training. The optimizer step, EMA
-    update and other element-wise work are left out, as is usual for model FLOP utilisation.
+    Counts windows `skip + 1` to `skip + windows` of the run that train.py makes of train_args,
+    the same pairs in the same order, so the texts have the same lengths once cut to the longest in
+    each micro-batch. Counted: the teacher's forward pass of every micro-batch (msd), the student's
+    forward and backward passes, and the loss against the window's keys and a full queue. The
+    optimizer step, the EMA update and element-wise work are left out, as model FLOP utilisation
+    usually does. The attention backward counts the recomputed scores, as the counter's formula does.
     """
     args = train.get_args([*train_args, "--tokenizer", str(tokenizer)])
     train.seed_everything(args.seed)
@@ -145,10 +166,12 @@ def count_flops_per_pair(train_args: list[str], tokenizer: Path, windows: int = 
     full = torch.nn.functional.normalize(torch.randn(args.queue_size, cfg.embed_dim), dim=1)
     image_queue.enqueue(full, torch.arange(args.queue_size) + 10**9)  # group ids no pair has
     text_queue.enqueue(full, torch.arange(args.queue_size) + 10**9)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    batches = iter(loader)
     K, B = args.accum, args.batch_size
+    sampler = train.EpochBatchSampler(len(train_set), B, args.seed, block=K)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
+    batches = train.endless(loader, {"epoch": 0, "batch": 0})
+    for _ in range(skip * K):
+        next(batches)
     amp = train.autocast_context(torch.device("cpu"), "fp32")  # FLOPs do not depend on the dtype
     counter = FlopCounterMode(display=False)
     with counter:
@@ -172,11 +195,14 @@ def count_flops_per_pair(train_args: list[str], tokenizer: Path, windows: int = 
     return counter.get_total_flops() / (windows * K * B)
 
 
-def measure_matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """Time an n x n by n x n matrix product at dtype and return the median rate in FLOP/s.
+def measure_matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
+    """Time square matrix products at dtype and return the median rate in FLOP/s.
 
-    On CUDA the time comes from CUDA events around each product, after a synchronisation.
+    The matrices are 2048 x 2048 on a CPU and 8192 x 8192 on CUDA, large enough to reach the
+    device's dense rate. On CUDA each repeat times 10 products between two CUDA events.
     """
+    n = 8192 if device.type == "cuda" else 2048
+    products = 10 if device.type == "cuda" else 1
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(3):
@@ -187,7 +213,8 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048,
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
-            a @ b
+            for _ in range(products):
+                a @ b
             end.record()
             torch.cuda.synchronize(device)
             seconds.append(start.elapsed_time(end) / 1000)
@@ -195,7 +222,7 @@ def measure_matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048,
             t0 = time.perf_counter()
             a @ b
             seconds.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(seconds)
+    return 2 * n**3 * products / statistics.median(seconds)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -207,7 +234,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def speed(args) -> dict:
     out = Path(args.out) / "speed"
     device = train.pick_device(args.device)
-    tokenizer = shared_tokenizer(args.data, Path(args.out))
+    tokenizer = shared_tokenizer(args.data, args.train_args, Path(args.out))
     K, B = args.accum, args.batch_size
     common = [*data_args(args.data), "--accum", str(K), "--batch-size", str(B), "--device", args.device,
               "--steps", str(args.warmup + args.steps), "--eval-every", str(10**9), "--keep", "1",
@@ -215,7 +242,8 @@ def speed(args) -> dict:
     machine = describe_machine()
     print(f"machine: {machine}")
 
-    flops = {method: count_flops_per_pair([*common, "--method", method], tokenizer) for method in args.methods}
+    flops = {method: count_flops_per_pair([*common, "--method", method], tokenizer, args.warmup, args.steps)
+             for method in args.methods}
     rates = {precision: measure_matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32, device)
              for precision in args.precisions}
 
@@ -224,7 +252,7 @@ def speed(args) -> dict:
         for method in args.methods:
             name = f"{method}_{precision}"
             rows, _ = run_train([*common, "--method", method, "--precision", precision], out / name)
-            losses[name] = [row["loss"] for row in rows]
+            losses[name] = [row.get("loss") for row in rows]  # None for a step skipped as non-finite
             measured = rows[args.warmup:]  # the first steps start thread pools and allocators
             with_data = [K * B / row["seconds"] for row in measured]
             without_data = [K * B / (row["seconds"] - row["data_seconds"]) for row in measured]
@@ -246,7 +274,7 @@ def speed(args) -> dict:
     print(markdown_table(["method", "precision", "pairs/s", "pairs/s without data loading", "MFLOP/pair",
                           "GFLOP/s", "matmul GFLOP/s", "MFU"], table))
 
-    ratios = {}
+    ratios, loss_gaps = {}, {}
     by_name = {f"{r['method']}_{r['precision']}": r for r in results}
     for precision in args.precisions:
         if {"msd", "clip"} <= set(args.methods):
@@ -256,13 +284,16 @@ def speed(args) -> dict:
         if {"fp32", "bf16"} <= set(args.precisions):
             ratios[f"bf16_over_fp32_{method}"] = (by_name[f"{method}_bf16"]["pairs_per_sec_without_data"][1]
                                                   / by_name[f"{method}_fp32"]["pairs_per_sec_without_data"][1])
-            # same seed, same data order: how far bf16's loss curve is from fp32's, against fp32's own step-to-step noise
-            fp32, bf16 = np.array(losses[f"{method}_fp32"]), np.array(losses[f"{method}_bf16"])
-            ratios[f"bf16_loss_gap_{method}"] = float(np.abs(bf16 - fp32).max())
-            ratios[f"fp32_loss_step_noise_{method}"] = float(np.abs(np.diff(fp32)).mean())
-    print("\n" + "\n".join(f"{name}: {value:.3f}" for name, value in ratios.items()))
+            # Same seed and data order, so the two loss curves differ only by precision. The gap is
+            # compared with fp32's own step-to-step change, the noise of a loss curve
+            fp32 = np.array(losses[f"{method}_fp32"], dtype=float)  # None becomes NaN
+            bf16 = np.array(losses[f"{method}_bf16"], dtype=float)
+            loss_gaps[f"{method}_max_abs_bf16_minus_fp32"] = float(np.nanmax(np.abs(bf16 - fp32)))
+            loss_gaps[f"{method}_mean_abs_fp32_step_change"] = float(np.nanmean(np.abs(np.diff(fp32))))
+    print("\n" + "\n".join(f"{name}: {value:.3f}" for name, value in {**ratios, **loss_gaps}.items()))
 
-    result = {"machine": machine, "command": " ".join(sys.argv), "results": results, "ratios": ratios, "losses": losses}
+    result = {"machine": machine, "command": " ".join(sys.argv), "results": results, "ratios": ratios,
+              "loss_gaps": loss_gaps, "losses": losses}
     write_json(out / "speed.json", result)
     return result
 
@@ -272,7 +303,7 @@ def speed(args) -> dict:
 
 def memory(args) -> dict:
     out = Path(args.out) / "memory"
-    tokenizer = shared_tokenizer(args.data, Path(args.out))
+    tokenizer = shared_tokenizer(args.data, args.train_args, Path(args.out))
     B = args.batch_size
     configs = [(B, K) for K in (1, 2, 4, 8)] + [(8 * B, 1)]
     machine = describe_machine()
@@ -290,22 +321,26 @@ def memory(args) -> dict:
                             "start_mb": start, "step_mb": peak - start})
             print(f"{name}: peak {peak:.0f} MiB")
 
-    def find(method, batch_size, K):
+    def find_result(method, batch_size, K):
         return next(r for r in results if (r["method"], r["batch_size"], r["accum"]) == (method, batch_size, K))
 
     ratios = {}
     for method in args.methods:
         for key in ("peak_mb", "step_mb"):
-            accum8, accum1, large = find(method, B, 8)[key], find(method, B, 1)[key], find(method, 8 * B, 1)[key]
-            ratios[f"{method}_{key}_accum8_over_accum1"] = accum8 / accum1
-            ratios[f"{method}_{key}_accum8_over_batch8B"] = accum8 / large
+            accum8 = find_result(method, B, 8)[key]
+            accum1 = find_result(method, B, 1)[key]
+            large = find_result(method, 8 * B, 1)[key]
+            # a step that needed no memory beyond the set-up's leaves no ratio to take
+            ratios[f"{method}_{key}_accum8_over_accum1"] = accum8 / accum1 if accum1 > 0 else None
+            ratios[f"{method}_{key}_accum8_over_batch8B"] = accum8 / large if large > 0 else None
     measured_quantity = "CUDA tensors (max_memory_allocated)" if train.pick_device(args.device).type == "cuda" else "process RSS"
     print(f"\nmemory: {measured_quantity} over {args.steps} optimizer steps; 'start' is before the first step, after "
           f"data and model set-up; 'step' = peak - start\n")
     print(markdown_table(["method", "micro-batch", "--accum", "effective batch", "peak MiB", "start MiB", "step MiB"],
                          [[r["method"], r["batch_size"], r["accum"], r["batch_size"] * r["accum"], f"{r['peak_mb']:.0f}",
                            f"{r['start_mb']:.0f}", f"{r['step_mb']:.0f}"] for r in results]))
-    print("\n" + "\n".join(f"{name}: {value:.3f}" for name, value in ratios.items()))
+    print("\n" + "\n".join(f"{name}: {value:.3f}" if value is not None else f"{name}: none"
+                            for name, value in ratios.items()))
     result = {"machine": machine, "command": " ".join(sys.argv), "measure": measured_quantity, "results": results, "ratios": ratios}
     write_json(out / "memory.json", result)
     return result
@@ -365,19 +400,22 @@ def evaluate_run(checkpoint: Path, model: str, eval_args: list[str]) -> dict[str
 
 
 def ablation(args) -> dict:
-    source_name = (args.data or "synthetic").split(":")[0]
-    out = Path(args.out) / "ablation" / source_name
+    out = Path(args.out) / "ablation" / data_name(args.data)
     K, B = args.accum, args.batch_size
     if args.pair_passes % (K * B):
         sys.exit(f"error: --pair-passes {args.pair_passes} is not a multiple of the window of {K} x {B} pairs; "
                  f"pass a multiple of {K * B}")
-    tokenizer = shared_tokenizer(args.data, out)
     configs = ablation_configs(K, B, args.pair_passes)
-    names = args.configs or list(configs)
+    names = list(dict.fromkeys(args.configs or configs))  # in the given order, each once
     unknown = [name for name in names if name not in configs]
     if unknown:
         sys.exit(f"error: unknown --configs {unknown}; choose from {list(configs)}")
-    eval_args = ["--shots", *map(str, args.shots), "--percents", "100", "--seeds", str(args.probe_seeds)]
+    tokenizer = out / "tokenizer.json"  # one per dataset folder, so every run and seed shares its token ids
+    if not tokenizer.is_file():
+        tokenizer.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.write_text(shared_tokenizer(args.data, args.train_args, Path(args.out)).read_text())
+    eval_args = ["--shots", *map(str, args.shots), "--percents", "100", "--seeds", str(args.probe_seeds),
+                 "--device", args.device]
     if args.labels:
         eval_args += ["--labels", *args.labels]
 
@@ -385,17 +423,21 @@ def ablation(args) -> dict:
     for seed in range(args.seeds):
         for name in names:
             run_dir = out / name / f"seed{seed}"
-            done = run_dir / "result.json"
-            if done.is_file():  # finished by an earlier call: a stopped ablation continues where it was
-                runs.append(json.loads(done.read_text()))
-                continue
             steps = int(configs[name][configs[name].index("--steps") + 1])
             train_args = [*data_args(args.data), *configs[name], "--seed", str(seed),
                           "--tokenizer", str(tokenizer), "--eval-every", str(max(steps // 4, 1)), "--keep", "1",
                           "--device", args.device, *args.train_args]
+            done = run_dir / "result.json"
+            if done.is_file():  # finished by an earlier call with the same settings: reuse it
+                run = json.loads(done.read_text())
+                if (run["train_args"], run.get("eval_args")) != (train_args, eval_args):
+                    sys.exit(f"error: {done} was run with other settings ({run['train_args']}, evaluation "
+                             f"{run.get('eval_args')}); pass another --out or delete {run_dir}")
+                runs.append(run)
+                continue
             rows, wall = run_train(train_args, run_dir)
-            run = {"config": name, "seed": seed, "steps": steps, "train_args": train_args, "wall_seconds": wall,
-                   "loop_seconds": sum(row["seconds"] for row in rows),
+            run = {"config": name, "seed": seed, "steps": steps, "train_args": train_args, "eval_args": eval_args,
+                   "wall_seconds": wall, "loop_seconds": sum(row["seconds"] for row in rows),
                    "val": rows[-1].get("val", {}), "final_loss": rows[-1].get("loss"),
                    "student": evaluate_run(run_dir / "checkpoint.pt", "student", eval_args)}
             if "msd" in configs[name]:
@@ -406,8 +448,11 @@ def ablation(args) -> dict:
                   f"student mean R@10 {run['student'].get('mean_R@10', float('nan')):.1f}")
 
     summary = summarise(runs, names)
-    print_ablation(summary, names, source_name, K, B, args)
-    result = {"machine": describe_machine(), "command": " ".join(sys.argv), "data": source_name,
+    title = (f"ablation on {data_name(args.data)}: {args.pair_passes} pairs encoded by the student per run, "
+             f"K = {K}, B = {B}, mean ± std over {args.seeds} seeds")
+    print(f"\n{title}\n")
+    print(ablation_table(summary, names))
+    result = {"machine": describe_machine(), "command": " ".join(sys.argv), "data": args.data or "synthetic",
               "pair_passes": args.pair_passes, "accum": K, "batch_size": B, "seeds": args.seeds,
               "summary": summary, "runs": runs}
     write_json(out / "ablation.json", result)
@@ -423,42 +468,38 @@ def summarise(runs: list[dict], names: list[str]) -> dict:
     """Average every score over seeds: {config: {"student" | "teacher" | "val" | "time": {metric: mean, std, n}}}."""
     summary = {}
     for name in names:
-        mine = [run for run in runs if run["config"] == name]
-        entry = {"steps": mine[0]["steps"], "time": {"wall_seconds": mean_std([run["wall_seconds"] for run in mine]),
-                                                     "loop_seconds": mean_std([run["loop_seconds"] for run in mine])}}
+        config_runs = [run for run in runs if run["config"] == name]
+        entry = {"steps": config_runs[0]["steps"],
+                 "time": {"wall_seconds": mean_std([run["wall_seconds"] for run in config_runs]),
+                          "loop_seconds": mean_std([run["loop_seconds"] for run in config_runs])}}
         for model in ("student", "teacher", "val"):
-            if model in mine[0] and mine[0][model]:
-                metrics = mine[0][model].keys()
-                entry[model] = {metric: mean_std([run[model][metric] for run in mine]) for metric in metrics}
+            if config_runs[0].get(model):
+                metrics = config_runs[0][model].keys()
+                entry[model] = {metric: mean_std([run[model][metric] for run in config_runs]) for metric in metrics}
+        val = [run["val"] for run in config_runs if "i2t_R@10" in run.get("val", {})]
+        if val:
+            entry["val"]["mean_R@10"] = mean_std([(scores["i2t_R@10"] + scores["t2i_R@10"]) / 2 for scores in val])
         summary[name] = entry
     return summary
 
 
-def print_ablation(summary: dict, names: list[str], source_name: str, K: int, B: int, args) -> None:
+def ablation_table(summary: dict, names: list[str]) -> str:
+    """Format the summary as a Markdown table: one column per method, then one per teacher."""
     def cell(stats: dict | None) -> str:
         return "-" if stats is None else f"{stats['mean']:.3g} ± {stats['std']:.2g}"
 
-    metrics = list(summary[names[0]]["student"])
+    teachers = [name for name in names if "teacher" in summary[name]]
     header = ["metric"] + [f"{name} ({summary[name]['steps']} steps)" for name in names] + \
-             [f"{name} teacher" for name in names if "teacher" in summary[name]]
+             [f"{name} teacher" for name in teachers]
     rows = [["train loop seconds"] + [cell(summary[name]["time"]["loop_seconds"]) for name in names] +
-            ["" for name in names if "teacher" in summary[name]]]
-    rows.append(["val mean R@10 (chooses settings)"] +
-                [cell(mean_val_recall(summary[name])) for name in names] + ["" for name in names if "teacher" in summary[name]])
-    for metric in metrics:
+            ["" for _ in teachers]]
+    rows.append(["val mean R@10 (slice of train)"] + [cell(summary[name].get("val", {}).get("mean_R@10"))
+                                                      for name in names] + ["" for _ in teachers])
+    for metric in summary[names[0]]["student"]:
         rows.append([metric] + [cell(summary[name]["student"].get(metric)) for name in names] +
-                    [cell(summary[name]["teacher"].get(metric)) for name in names if "teacher" in summary[name]])
-    print(f"\nablation on {source_name}: {args.pair_passes} student pair-passes per run, K = {K}, B = {B}, "
-          f"mean ± std over {args.seeds} seeds; scores on the held-out split\n")
-    print(markdown_table(header, rows))
-
-
-def mean_val_recall(entry: dict) -> dict | None:
-    val = entry.get("val")
-    if not val or "i2t_R@10" not in val:
-        return None
-    return {"mean": (val["i2t_R@10"]["mean"] + val["t2i_R@10"]["mean"]) / 2,
-            "std": (val["i2t_R@10"]["std"] + val["t2i_R@10"]["std"]) / 2}
+                    [cell(summary[name]["teacher"].get(metric)) for name in teachers])
+    n = summary[names[0]]["time"]["loop_seconds"]["n"]
+    return markdown_table(header, rows) + f"\n\nmean ± sample std over n = {n} seeds; other rows: held-out split"
 
 
 # -----------------------------------------------------------------------------
@@ -494,11 +535,12 @@ def get_args(argv=None) -> argparse.Namespace:
     sub.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="as train.py --precision (default: %(default)s)")
 
-    sub = commands.add_parser("ablation", help="the methods compared at the same compute, over seeds")
+    sub = commands.add_parser("ablation", help="the methods compared at the same compute, over seeds; at the "
+                              "defaults 15 training runs as long as `python train.py --accum 8`, so hours on a CPU")
     common(sub, methods=False)
     sub.add_argument("--accum", type=int, default=4, help="K for the accumulating methods (default: %(default)s)")
     sub.add_argument("--pair-passes", type=int, default=128000,
-                     help="student pair-passes per run, the compute budget: steps = this / pairs per step "
+                     help="pairs the student encodes per run, the compute budget: steps = this / pairs per step "
                           "(default: %(default)s, as many as `python train.py --accum 8`)")
     sub.add_argument("--seeds", type=int, default=3, help="training seeds per method (default: %(default)s)")
     sub.add_argument("--configs", nargs="+", default=None,
@@ -508,7 +550,18 @@ def get_args(argv=None) -> argparse.Namespace:
     sub.add_argument("--shots", type=int, nargs="+", default=[1, 16],
                      help="few-shot examples per class, as evaluate.py --shots (default: %(default)s)")
     sub.add_argument("--probe-seeds", type=int, default=3, help="few-shot repeats, as evaluate.py --seeds (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    positive = ["batch_size", "accum", "steps", "seeds", "pair_passes", "probe_seeds"]
+    for name in positive:
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if getattr(args, "warmup", 0) < 0:
+        p.error(f"--warmup must be 0 or more, got {args.warmup}")
+    clashes = sorted({arg.split("=", 1)[0] for arg in args.train_args} & CONTROLLED_FLAGS)
+    if clashes:
+        p.error(f"--train-args may not set {clashes}, because bench.py sets them for the comparison; "
+                f"use the bench.py options of the same name where there are any")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -57,11 +57,11 @@ class Block(nn.Module):
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
         p = self.dropout if self.training else 0.0
         if x.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # Speed only: on CPU, torch 2.13's fused attention is about 3x slower in bf16 than in fp32
-            # (forward and backward, measured at B=32, T=65, 4 heads), so bf16 runs attention in fp32
+            # Speed only. torch 2.13's CPU attention kernel took 3x longer in bf16 than in fp32 (forward
+            # and backward at B=32, T=65, 4 heads, 2-core AMD EPYC), so under bf16 autocast it runs in fp32
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, T, C/H)
-        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ K*B, so the gradient is that of the large batch while the student's activation m
 """
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
@@ -133,8 +134,8 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="autocast dtype of the encoders; auto = bf16 on CUDA, fp32 on CPU. Master weights, "
                         "logits, softmax and loss are always fp32 (default: %(default)s)")
     g.add_argument("--compile", action="store_true",
-                   help="compile the student and teacher with torch.compile: faster steps after a compilation "
-                        "of about a minute on a CPU, so it pays off in long runs only")
+                   help="compile the student and teacher with torch.compile. Steps get faster after a "
+                        "compilation that took 25-50 s on a 2-core CPU, so it pays off in long runs only")
     args = p.parse_args(argv)
     validate_args(p, args)
     return args
@@ -239,12 +240,17 @@ def make_optimizer(model: torch.nn.Module, args) -> torch.optim.AdamW:
 def reset_peak_memory(device: torch.device) -> float:
     """Start measuring peak memory from now and return the memory in use now, in MiB.
 
-    On CUDA both count CUDA tensors; on CPU both are the process's RSS. Outside Linux the CPU peak
-    cannot be reset, so it stays the peak since the process started, and the return value is 0.
+    On CUDA the peak and the return value count CUDA tensors. On CPU they are the process's RSS,
+    and outside Linux the peak cannot be reset, so it includes the set-up and the return value is 0.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        # glibc keeps memory that the set-up freed; hand it back, so that it does not count as in use
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
     try:
         # Linux 4.0 and later: writing 5 to clear_refs resets VmHWM to the current RSS (man 5 proc)
         with open("/proc/self/clear_refs", "w") as clear_refs:
@@ -969,8 +975,10 @@ def main(argv=None) -> dict:
             image_queue.enqueue(image_keys, window_groups)
             text_queue.enqueue(text_keys, window_groups)
 
-        # log. On CUDA the optimizer step and EMA update queued after the last .item() may still be
-        # running: their time lands in the next step's `seconds`, so the mean over steps is right
+        # log. On CUDA, wait for the optimizer step and EMA update, which run after the last .item(),
+        # so that `seconds` covers the whole step and the next step's data time starts on an idle device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         timing = {"seconds": seconds, "data_seconds": data_seconds, "pairs_per_sec": K * B * world_size / seconds,
                   "peak_memory_mb": peak_memory_mb(device), "start_memory_mb": memory_at_start}

@@ -94,13 +94,31 @@ def test_ablation_runs_and_continues(tmp_path, tiny_synthetic, one_torch_thread)
     assert "zeroshot_auc/mean" in summary["msd"]["student"]
 
     # a second call reuses the finished runs instead of training them again
-    saved = tmp_path / "bench" / "ablation" / "synthetic" / "msd" / "seed1" / "result.json"
+    [saved] = (tmp_path / "bench" / "ablation").glob("synthetic-*/msd/seed1/result.json")
     before = saved.stat().st_mtime_ns
     again = bench.main(argv)
     assert saved.stat().st_mtime_ns == before
     assert json.dumps(again["summary"]) == json.dumps(summary)
 
+    # but not when the settings changed
+    with pytest.raises(SystemExit, match="was run with other settings"):
+        bench.main([*argv[:argv.index("--shots")], "--shots", "2", *argv[argv.index("--shots") + 2:]])
+
 
 def test_ablation_rejects_uneven_budget(tmp_path, tiny_synthetic):
     with pytest.raises(SystemExit, match="--pair-passes 10 is not a multiple"):
         bench.main(["ablation", *tiny_args(tiny_synthetic, tmp_path), "--accum", "2", "--pair-passes", "10"])
+
+
+def test_data_name_keeps_paths_apart():
+    assert bench.data_name(None) == "synthetic"
+    assert bench.data_name("/data/reports.jsonl").startswith("data-")
+    assert bench.data_name("medpix:/a").startswith("medpix-")
+    assert bench.data_name("medpix:/a") != bench.data_name("medpix:/b")
+    assert "/" not in bench.data_name("manifest:/data/reports.jsonl")
+
+
+def test_train_args_may_not_set_compared_flags(capsys):
+    with pytest.raises(SystemExit):
+        bench.get_args(["ablation", "--train-args", "--lr", "1e-3", "--steps", "3"])
+    assert "may not set ['--steps']" in capsys.readouterr().err
