@@ -244,35 +244,51 @@ def speed(args) -> dict:
 
     flops = {method: count_flops_per_pair([*common, "--method", method], tokenizer, args.warmup, args.steps)
              for method in args.methods}
-    rates = {precision: measure_matmul_rate(torch.bfloat16 if precision == "bf16" else torch.float32, device)
-             for precision in args.precisions}
+    # Whole runs are repeated in turn (msd, clip, msd, clip, ...), because the speed of a shared or
+    # throttled machine drifts over minutes, and a drift should not favour the method that ran first
+    measured_rows, matmul_rates, losses = {}, {precision: [] for precision in args.precisions}, {}
+    for repeat in range(args.repeats):
+        for precision in args.precisions:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            matmul_rates[precision].append(measure_matmul_rate(dtype, device))
+            for method in args.methods:
+                name = f"{method}_{precision}"
+                rows, _ = run_train([*common, "--method", method, "--precision", precision], out / name / f"repeat{repeat}")
+                losses.setdefault(name, [row.get("loss") for row in rows])  # None for a step skipped as non-finite
+                measured_rows.setdefault(name, []).append(rows[args.warmup:])  # warm-up starts thread pools, allocators
+                print(f"{name} repeat {repeat}: {statistics.median(K * B / row['seconds'] for row in rows[args.warmup:]):.0f} pairs/s")
 
-    results, losses = [], {}
+    results = []
     for precision in args.precisions:
+        rate = statistics.median(matmul_rates[precision])
         for method in args.methods:
-            name = f"{method}_{precision}"
-            rows, _ = run_train([*common, "--method", method, "--precision", precision], out / name)
-            losses[name] = [row.get("loss") for row in rows]  # None for a step skipped as non-finite
-            measured = rows[args.warmup:]  # the first steps start thread pools and allocators
-            with_data = [K * B / row["seconds"] for row in measured]
-            without_data = [K * B / (row["seconds"] - row["data_seconds"]) for row in measured]
+            runs = measured_rows[f"{method}_{precision}"]
+            with_data = [K * B / row["seconds"] for rows in runs for row in rows]
+            without_data = [K * B / (row["seconds"] - row["data_seconds"]) for rows in runs for row in rows]
+            run_medians = [statistics.median(K * B / (row["seconds"] - row["data_seconds"]) for row in rows) for rows in runs]
             achieved = flops[method] * statistics.median(without_data)
             results.append({
-                "method": method, "precision": precision, "accum": K, "batch_size": B, "steps": len(measured),
+                "method": method, "precision": precision, "accum": K, "batch_size": B, "steps": len(with_data),
                 "pairs_per_sec": quartiles(with_data), "pairs_per_sec_without_data": quartiles(without_data),
-                "flops_per_pair": flops[method], "achieved_flops": achieved, "matmul_flops": rates[precision],
-                "mfu": achieved / rates[precision],
+                "run_medians_without_data": run_medians, "flops_per_pair": flops[method], "achieved_flops": achieved,
+                "matmul_flops": rate, "matmul_flops_repeats": matmul_rates[precision], "mfu": achieved / rate,
             })
-            print(f"{name}: {statistics.median(without_data):.0f} pairs/s without data loading")
 
-    table = [[r["method"], r["precision"], f"{r['pairs_per_sec'][1]:.0f} ({r['pairs_per_sec'][0]:.0f}-{r['pairs_per_sec'][2]:.0f})",
-              f"{r['pairs_per_sec_without_data'][1]:.0f} ({r['pairs_per_sec_without_data'][0]:.0f}-{r['pairs_per_sec_without_data'][2]:.0f})",
-              f"{r['flops_per_pair'] / 1e6:.0f}", f"{r['achieved_flops'] / 1e9:.1f}", f"{r['matmul_flops'] / 1e9:.1f}",
-              f"{r['mfu']:.2f}"] for r in results]
-    print(f"\nspeed: window of {K} x {B} pairs, median (25th-75th percentile) of {args.steps} optimizer steps "
-          f"after {args.warmup} warm-up steps, device {device}\n")
-    print(markdown_table(["method", "precision", "pairs/s", "pairs/s without data loading", "MFLOP/pair",
-                          "GFLOP/s", "matmul GFLOP/s", "MFU"], table))
+    def with_quartiles(q: tuple[float, float, float]) -> str:
+        return f"{q[1]:.0f} ({q[0]:.0f}-{q[2]:.0f})"
+
+    table = []
+    for r in results:
+        run_medians = r["run_medians_without_data"]
+        table.append([r["method"], r["precision"], with_quartiles(r["pairs_per_sec"]),
+                      with_quartiles(r["pairs_per_sec_without_data"]), f"{min(run_medians):.0f}-{max(run_medians):.0f}",
+                      f"{r['flops_per_pair'] / 1e6:.0f}", f"{r['achieved_flops'] / 1e9:.1f}",
+                      f"{r['matmul_flops'] / 1e9:.1f}", f"{r['mfu']:.2f}"])
+    print(f"\nspeed: window of {K} x {B} pairs, median (25th-75th percentile) over {args.repeats} runs x {args.steps} "
+          f"optimizer steps, each run after {args.warmup} warm-up steps, device {device}\n")
+    print(markdown_table(["method", "precision", "pairs/s", "pairs/s without data loading",
+                          "range of run medians without data loading", "MFLOP/pair", "GFLOP/s", "matmul GFLOP/s", "MFU"],
+                         table))
 
     ratios, loss_gaps = {}, {}
     by_name = {f"{r['method']}_{r['precision']}": r for r in results}
@@ -525,6 +541,8 @@ def get_args(argv=None) -> argparse.Namespace:
     sub.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step (default: %(default)s)")
     sub.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run (default: %(default)s)")
     sub.add_argument("--warmup", type=int, default=5, help="optimizer steps run before measuring (default: %(default)s)")
+    sub.add_argument("--repeats", type=int, default=3,
+                     help="runs of each method and precision, taken in turn (default: %(default)s)")
     sub.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                      help="precisions to measure (default: %(default)s)")
     sub.add_argument("--workers", type=int, default=0, help="data loader workers, as train.py --workers (default: %(default)s)")
@@ -551,7 +569,7 @@ def get_args(argv=None) -> argparse.Namespace:
                      help="few-shot examples per class, as evaluate.py --shots (default: %(default)s)")
     sub.add_argument("--probe-seeds", type=int, default=3, help="few-shot repeats, as evaluate.py --seeds (default: %(default)s)")
     args = p.parse_args(argv)
-    positive = ["batch_size", "accum", "steps", "seeds", "pair_passes", "probe_seeds"]
+    positive = ["batch_size", "accum", "steps", "seeds", "pair_passes", "probe_seeds", "repeats"]
     for name in positive:
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

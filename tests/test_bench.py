@@ -61,13 +61,15 @@ def tiny_args(tiny_synthetic, tmp_path) -> list[str]:
 
 
 def test_speed_runs(tmp_path, tiny_synthetic, one_torch_thread):
-    result = bench.main(["speed", *tiny_args(tiny_synthetic, tmp_path), "--accum", "2", "--steps", "2",
+    result = bench.main(["speed", *tiny_args(tiny_synthetic, tmp_path), "--accum", "2", "--steps", "2", "--repeats", "2",
                          "--warmup", "1", "--precisions", "fp32", "--train-args", *TINY_FLAGS])
     assert [(r["method"], r["precision"]) for r in result["results"]] == [("msd", "fp32"), ("clip", "fp32")]
     msd, clip = result["results"]
     assert msd["flops_per_pair"] > clip["flops_per_pair"] > 0  # the teacher's forward pass costs FLOPs
     assert msd["pairs_per_sec_without_data"][1] >= msd["pairs_per_sec"][1]
     assert 0 < msd["mfu"] < 1
+    assert len(msd["run_medians_without_data"]) == 2
+    assert msd["steps"] == 4  # 2 measured steps in each of 2 runs
     assert (tmp_path / "bench" / "speed" / "speed.json").is_file()
 
 
