@@ -1,6 +1,7 @@
 """Measure training speed, the memory of gradient accumulation, and the method ablation at equal compute.
 
     python bench.py speed        # pairs/s of msd and clip in fp32 and bf16, FLOPs per pair, FLOP utilisation
+    python bench.py profile      # torch.profiler table of one msd step: where the time goes
     python bench.py memory       # peak memory of a step: micro-batch B with --accum 1, 2, 4, 8, and one batch of 8B
     python bench.py ablation     # CLIP, momentum keys and MSD at the same compute, over 3 seeds
     python bench.py ablation --data medpix:path/to/medpix-2.0
@@ -145,54 +146,89 @@ if aten._scaled_dot_product_flash_attention_for_cpu not in torch.utils.flop_coun
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def count_flops_per_pair(train_args: list[str], tokenizer: Path, skip: int, windows: int) -> float:
-    """Count the FLOPs of the training step per pair with torch.utils.flop_counter.
+def replay_steps(train_args: list[str], tokenizer: Path, skip: int, warmup: int, windows: int, around) -> int:
+    """Run optimizer steps as train.py does, in this process and without logging; return the pairs per step.
 
-    Counts windows `skip + 1` to `skip + windows` of the run that train.py makes of train_args,
-    the same pairs in the same order, so the texts have the same lengths once cut to the longest in
-    each micro-batch. Counted: the teacher's forward pass of every micro-batch (msd), the student's
-    forward and backward passes, and the loss against the window's keys and a full queue. The
-    optimizer step, the EMA update and element-wise work are left out, as model FLOP utilisation
-    usually does. The attention backward counts the recomputed scores, as the counter's formula does.
+    Takes the windows of the run that train.py makes of train_args, the same pairs in the same
+    order, so the texts have the same lengths once cut to the longest in each micro-batch. Skips
+    the first `skip` windows unread, computes `warmup` more, then computes `windows` more inside
+    the context manager `around`, such as a FLOP counter or a profiler. The queues start full, as
+    they are after the first steps of a run. Checkpoints, validation, DDP and the checks for
+    non-finite values are left out.
     """
     args = train.get_args([*train_args, "--tokenizer", str(tokenizer)])
     train.seed_everything(args.seed)
+    device = train.pick_device(args.device)
+    amp = train.autocast_context(device, args.precision)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         _, tok, _, train_set, _ = train.load_data(args, load_tokenizer(tokenizer))
     cfg = train.model_config(args, tok.get_vocab_size())
-    model = train.ImageTextModel(cfg)
-    teacher = EMATeacher(model, args.momentum)
-    image_queue, text_queue = FeatureQueue(args.queue_size, cfg.embed_dim), FeatureQueue(args.queue_size, cfg.embed_dim)
-    full = torch.nn.functional.normalize(torch.randn(args.queue_size, cfg.embed_dim), dim=1)
-    image_queue.enqueue(full, torch.arange(args.queue_size) + 10**9)  # group ids no pair has
-    text_queue.enqueue(full, torch.arange(args.queue_size) + 10**9)
+    model = train.ImageTextModel(cfg).to(device)
+    optimizer = train.make_optimizer(model, args)
+    teacher = EMATeacher(model, args.momentum).to(device)
+    image_queue = FeatureQueue(args.queue_size, cfg.embed_dim).to(device)
+    text_queue = FeatureQueue(args.queue_size, cfg.embed_dim).to(device)
+    full = torch.nn.functional.normalize(torch.randn(args.queue_size, cfg.embed_dim, device=device), dim=1)
+    no_group = torch.arange(args.queue_size, device=device) + 10**9  # group ids that no pair has
+    image_queue.enqueue(full, no_group)
+    text_queue.enqueue(full, no_group)
+
     K, B = args.accum, args.batch_size
     sampler = train.EpochBatchSampler(len(train_set), B, args.seed, block=K)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler)
-    batches = train.endless(loader, {"epoch": 0, "batch": 0})
+    batches = train.endless(torch.utils.data.DataLoader(train_set, batch_sampler=sampler), {"epoch": 0, "batch": 0})
     for _ in range(skip * K):
         next(batches)
-    amp = train.autocast_context(torch.device("cpu"), "fp32")  # FLOPs do not depend on the dtype
-    counter = FlopCounterMode(display=False)
-    with counter:
-        for _ in range(windows):
-            window = [train.trim_padding(next(batches)) for _ in range(K)]
-            groups = torch.cat([mb["group"] for mb in window])
-            if args.method == "msd":
-                image_keys, text_keys = train.encode_window(teacher, window, amp)
-                image_queued, queue_groups = image_queue.contents()
-                text_queued, _ = text_queue.contents()
-            for j, mb in enumerate(window):
+
+    def step():
+        window = [{k: v.to(device) for k, v in train.trim_padding(next(batches)).items()} for _ in range(K)]
+        groups = torch.cat([mb["group"] for mb in window])
+        if args.method == "msd":
+            image_keys, text_keys = train.encode_window(teacher, window, amp)
+            image_queued, queue_groups = image_queue.contents()
+            text_queued, _ = text_queue.contents()
+        for j, mb in enumerate(window):
+            with amp:
                 image_queries, text_queries = model(mb["image"], mb["input_ids"], mb["attention_mask"])
-                if args.method == "msd":
-                    rows = slice(j * B, (j + 1) * B)
-                    terms = msd_loss(image_queries, text_queries, image_keys[rows], text_keys[rows],
-                                     image_keys, text_keys, groups, image_queued, text_queued, queue_groups,
-                                     mb["group"], torch.arange(rows.start, rows.stop), model.logit_scale, args.alpha)
-                else:
-                    terms = clip_loss(image_queries, text_queries, mb["group"], model.logit_scale)
-                (terms["loss"] / K).backward()
-    return counter.get_total_flops() / (windows * K * B)
+            if args.method == "msd":
+                rows = slice(j * B, (j + 1) * B)
+                terms = msd_loss(image_queries, text_queries, image_keys[rows], text_keys[rows],
+                                 image_keys, text_keys, groups, image_queued, text_queued, queue_groups,
+                                 mb["group"], torch.arange(rows.start, rows.stop, device=device),
+                                 model.logit_scale, args.alpha)
+            else:
+                terms = clip_loss(image_queries, text_queries, mb["group"], model.logit_scale)
+            (terms["loss"] / K).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        model.clamp_temperature(args.min_temperature, args.max_temperature)
+        optimizer.zero_grad(set_to_none=True)
+        if args.method == "msd":
+            teacher.update(model)
+            image_queue.enqueue(image_keys, groups)
+            text_queue.enqueue(text_keys, groups)
+
+    for _ in range(warmup):
+        step()
+    with around:
+        for _ in range(windows):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return K * B
+
+
+def count_flops_per_pair(train_args: list[str], tokenizer: Path, skip: int, windows: int) -> float:
+    """Count the FLOPs of the training step per pair with torch.utils.flop_counter, on windows skip+1 to skip+windows.
+
+    The counter counts matrix products, convolutions and attention: the teacher's forward pass of
+    every micro-batch (msd), the student's forward and backward passes, and the loss against the
+    window's keys and the queue. Element-wise work, the optimizer step and the EMA update count as
+    nothing, as is usual for model FLOP utilisation. The attention backward includes the
+    recomputed scores, as the counter's formula has it.
+    """
+    counter = FlopCounterMode(display=False)
+    pairs_per_step = replay_steps([*train_args, "--precision", "fp32"], tokenizer, skip, 0, windows, counter)
+    return counter.get_total_flops() / (windows * pairs_per_step)
 
 
 def measure_matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
@@ -312,6 +348,34 @@ def speed(args) -> dict:
               "loss_gaps": loss_gaps, "losses": losses}
     write_json(out / "speed.json", result)
     return result
+
+
+# -----------------------------------------------------------------------------
+# profile: where the time of a training step goes
+
+def profile(args) -> dict:
+    out = Path(args.out) / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    device = train.pick_device(args.device)
+    tokenizer = shared_tokenizer(args.data, args.train_args, Path(args.out))
+    train_args = [*data_args(args.data), "--method", args.method, "--accum", str(args.accum),
+                  "--batch-size", str(args.batch_size), "--precision", args.precision, "--device", args.device,
+                  *args.train_args]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    replay_steps(train_args, tokenizer, 0, args.warmup, args.steps, profiler)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows)
+    print(f"profile of {args.steps} optimizer steps of {args.method}, window {args.accum} x {args.batch_size}, "
+          f"{args.precision}, device {device}, after {args.warmup} warm-up steps\n")
+    print(table)
+    trace = out / f"trace_{args.method}_{args.precision}.json"
+    profiler.export_chrome_trace(str(trace))
+    (out / f"table_{args.method}_{args.precision}.txt").write_text(table)
+    print(f"\ntrace for chrome://tracing or Perfetto written to {trace}")
+    return {"table": table, "trace": str(trace)}
 
 
 # -----------------------------------------------------------------------------
@@ -547,6 +611,16 @@ def get_args(argv=None) -> argparse.Namespace:
                      help="precisions to measure (default: %(default)s)")
     sub.add_argument("--workers", type=int, default=0, help="data loader workers, as train.py --workers (default: %(default)s)")
 
+    sub = commands.add_parser("profile", help="torch.profiler table of the operators that take the time of a step")
+    common(sub, methods=False)
+    sub.add_argument("--method", choices=["msd", "clip"], default="msd", help="training method (default: %(default)s)")
+    sub.add_argument("--accum", type=int, default=8, help="micro-batches per optimizer step (default: %(default)s)")
+    sub.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="as train.py --precision (default: %(default)s)")
+    sub.add_argument("--steps", type=int, default=3, help="profiled optimizer steps (default: %(default)s)")
+    sub.add_argument("--warmup", type=int, default=2, help="optimizer steps run before profiling (default: %(default)s)")
+    sub.add_argument("--rows", type=int, default=15, help="operators in the printed table (default: %(default)s)")
+
     sub = commands.add_parser("memory", help="peak memory with accumulation against one large batch")
     common(sub)
     sub.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (default: %(default)s)")
@@ -569,7 +643,7 @@ def get_args(argv=None) -> argparse.Namespace:
                      help="few-shot examples per class, as evaluate.py --shots (default: %(default)s)")
     sub.add_argument("--probe-seeds", type=int, default=3, help="few-shot repeats, as evaluate.py --seeds (default: %(default)s)")
     args = p.parse_args(argv)
-    positive = ["batch_size", "accum", "steps", "seeds", "pair_passes", "probe_seeds", "repeats"]
+    positive = ["batch_size", "accum", "steps", "seeds", "pair_passes", "probe_seeds", "repeats", "rows"]
     for name in positive:
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -584,7 +658,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = get_args(argv)
-    return {"speed": speed, "memory": memory, "ablation": ablation}[args.command](args)
+    return {"speed": speed, "profile": profile, "memory": memory, "ablation": ablation}[args.command](args)
 
 
 if __name__ == "__main__":

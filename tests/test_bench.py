@@ -73,6 +73,13 @@ def test_speed_runs(tmp_path, tiny_synthetic, one_torch_thread):
     assert (tmp_path / "bench" / "speed" / "speed.json").is_file()
 
 
+def test_profile_runs(tmp_path, tiny_synthetic, one_torch_thread):
+    result = bench.main(["profile", *tiny_args(tiny_synthetic, tmp_path), "--accum", "2", "--steps", "1",
+                         "--warmup", "1", "--train-args", *TINY_FLAGS])
+    assert "aten::" in result["table"]
+    assert (tmp_path / "bench" / "profile" / "trace_msd_auto.json").is_file()
+
+
 def test_memory_runs(tmp_path, tiny_synthetic, one_torch_thread):
     result = bench.main(["memory", *tiny_args(tiny_synthetic, tmp_path), "--steps", "1", "--methods", "clip",
                          "--train-args", *TINY_FLAGS])
