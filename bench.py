@@ -70,11 +70,11 @@ def shared_tokenizer(data: str | None, train_args: list[str], out: Path) -> Path
     args = train.get_args([*data_args(data), *train_args])  # train.py's defaults, --vocab-size included
     path = out / "tokenizers" / f"{data_name(data)}-vocab{args.vocab_size}.json"
     if not path.is_file():
-        print(f"training the shared tokenizer in {path}")
         try:
             texts = [pair.text for pair in open_source(args.data).pairs("train")]
         except (FileNotFoundError, ValueError) as error:
             sys.exit(f"error: {error}")
+        print(f"training the shared tokenizer in {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(train_tokenizer(texts, vocab_size=args.vocab_size).to_str(pretty=True))
     return path
@@ -368,7 +368,7 @@ def profile(args) -> dict:
     replay_steps(train_args, tokenizer, 0, args.warmup, args.steps, profiler)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_by, row_limit=args.rows)
-    print(f"profile of {args.steps} optimizer steps of {args.method}, window {args.accum} x {args.batch_size}, "
+    print(f"profile of {args.method}, optimizer steps: {args.steps}, window {args.accum} x {args.batch_size}, "
           f"{args.precision}, device {device}, after {args.warmup} warm-up steps\n")
     print(table)
     trace = out / f"trace_{args.method}_{args.precision}.json"
@@ -630,13 +630,17 @@ def get_args(argv=None) -> argparse.Namespace:
     sub = commands.add_parser("ablation", help="the methods compared at the same compute, over seeds; at the "
                               "defaults 15 training runs as long as `python train.py --accum 8`, so hours on a CPU")
     common(sub, methods=False)
-    sub.add_argument("--accum", type=int, default=4, help="K for the accumulating methods (default: %(default)s)")
+    sub.add_argument("--accum", type=int, default=4,
+                     help="micro-batches per optimizer step (K) of clip_accum, keys_alpha0 and msd; clip_KB takes "
+                          "one batch of K x B (default: %(default)s)")
     sub.add_argument("--pair-passes", type=int, default=128000,
                      help="pairs the student encodes per run, the compute budget: steps = this / pairs per step "
                           "(default: %(default)s, as many as `python train.py --accum 8`)")
     sub.add_argument("--seeds", type=int, default=3, help="training seeds per method (default: %(default)s)")
     sub.add_argument("--configs", nargs="+", default=None,
-                     help="methods to run, of clip_B clip_accum clip_KB keys_alpha0 msd (default: all)")
+                     help="methods to run (default: all): clip_B = CLIP with batch B; clip_accum = CLIP with "
+                          "naive accumulation of K micro-batches; clip_KB = CLIP with one batch of K x B; "
+                          "keys_alpha0 = momentum keys and queue, alpha 0; msd = full MSD")
     sub.add_argument("--labels", nargs="+", default=None,
                      help="labels to score zero-shot and few-shot, as evaluate.py --labels (default: all with prompts)")
     sub.add_argument("--shots", type=int, nargs="+", default=[1, 16],
