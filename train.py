@@ -839,7 +839,8 @@ def main(argv=None) -> dict:
     text_queue = FeatureQueue(args.queue_size if use_teacher else 0, cfg.embed_dim).to(device)
     if args.compile:
         # Speed only. Module.compile() compiles the forward in place, so parameter names, state dicts
-        # and the EMA update see the plain modules
+        # and the EMA update see the plain modules.
+        # NOTE: run on CPU in one process only; not yet run under DDP or on CUDA
         model.compile()
         if teacher is not None:
             teacher.compile()
